@@ -1,0 +1,353 @@
+"""The self-distillation objective: PS-KD soft targets, BYOT and DMFL.
+
+Every function here is pure TensorFlow math on tensors, so it can be reused
+in a custom training loop and checked against numbers computed by hand.
+
+Notation (N exits, ``i = 1..N`` from shallowest to deepest):
+
+- ``z_i``: logits of exit ``i``, ``[B, C]``; ``P_i = softmax(z_i)``.
+- ``F_i``: adapted feature of exit ``i``, ``[B, D]`` (every exit has the
+  deepest feature's width ``D``).
+- ``y_soft``: the target distribution, ``[B, C]``.
+
+The full objective is ``L = L_CE + L_SelfKD + L_DMFL`` where
+
+- ``L_CE = CE(P_N, y_soft)``, averaged over the batch;
+- ``L_SelfKD`` (BYOT) ``= sum_{i in S} [(1 - a) CE(P_i, y_soft)
+  + a T^2 KL(softmax(z_N / T) || softmax(z_i / T)) + lam ||F_i - F_N||^2]
+  + (1 - a) CE(P_N, y_soft)``, with the deepest logits and feature held
+  constant inside the KL and hint terms, and the squared error summed over
+  channels *and* over the batch (so ``lam = 1e-6`` keeps its published
+  meaning);
+- ``L_DMFL = 1 / (N - 1) sum_{i < N} [KL(q_i || q_N) + KL(q_N || q_i)]``
+  with ``q = softmax`` over the feature channels, each KL averaged over the
+  batch; in each direction the first argument is the (constant) target.
+
+Averages are taken over the *global* batch (``global_batch_size``), so that
+per-replica losses summed by a ``tf.distribute`` strategy give the same
+gradient as one replica on the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+METHODS = ("pskd", "byot", "dmfl")
+PSKD_TEACHERS = ("deepest", "ensemble")
+DMFL_GRADIENTS = ("mutual", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfKDConfig:
+    """Which parts of the objective are on, and their hyperparameters.
+
+    Args:
+        methods: subset of ``("pskd", "byot", "dmfl")``; empty is the
+            baseline (deepest-exit cross-entropy with one-hot labels).
+        pskd_alpha: ``a_T``, the final weight of the network's own previous
+            prediction in the soft target.
+        pskd_teacher: which prediction is stored for the next epoch:
+            ``"deepest"`` (softmax of the deepest exit, as PS-KD does) or
+            ``"ensemble"`` (mean of all exits' softmax).
+        byot_alpha: weight ``a`` of the distillation term in BYOT.
+        byot_lambda: weight ``lam`` of the feature hint term in BYOT.
+        temperature: softening temperature ``T`` of the BYOT KL term.
+        byot_exits: 1-based indices of the shallow exits that get BYOT
+            terms; ``None`` means all shallow exits.
+        dmfl_gradient: ``"mutual"`` (the stated method: each direction's
+            target is constant, the other side learns) or ``"none"`` (the
+            term is computed and logged but passes no gradient, which is
+            what the public reference code does).
+
+    Example:
+
+    >>> config = SelfKDConfig(methods=("pskd", "byot"), byot_exits=(2, 3))
+    >>> config.uses("dmfl")
+    False
+    """
+
+    methods: tuple[str, ...] = METHODS
+    pskd_alpha: float = 0.8
+    pskd_teacher: str = "deepest"
+    byot_alpha: float = 0.1
+    byot_lambda: float = 1e-6
+    temperature: float = 3.0
+    byot_exits: tuple[int, ...] | None = None
+    dmfl_gradient: str = "mutual"
+
+    def __post_init__(self):
+        methods = tuple(self.methods)
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ValueError(
+                f"methods: unknown {unknown}; allowed: {', '.join(METHODS)}."
+            )
+        # Canonical order keeps names, configs and run labels stable.
+        object.__setattr__(
+            self, "methods", tuple(m for m in METHODS if m in methods)
+        )
+        if self.byot_exits is not None:
+            object.__setattr__(
+                self, "byot_exits", tuple(sorted({int(i) for i in self.byot_exits}))
+            )
+            if any(i < 1 for i in self.byot_exits):
+                raise ValueError(
+                    f"byot_exits: exit indices start at 1; got {self.byot_exits}."
+                )
+        if self.pskd_teacher not in PSKD_TEACHERS:
+            raise ValueError(
+                f"pskd_teacher: got {self.pskd_teacher!r}; allowed: "
+                f"{', '.join(PSKD_TEACHERS)}."
+            )
+        if self.dmfl_gradient not in DMFL_GRADIENTS:
+            raise ValueError(
+                f"dmfl_gradient: got {self.dmfl_gradient!r}; allowed: "
+                f"{', '.join(DMFL_GRADIENTS)}."
+            )
+        if not 0.0 <= self.pskd_alpha <= 1.0:
+            raise ValueError(f"pskd_alpha: must be in [0, 1]; got {self.pskd_alpha}.")
+        if not 0.0 <= self.byot_alpha <= 1.0:
+            raise ValueError(f"byot_alpha: must be in [0, 1]; got {self.byot_alpha}.")
+        if self.byot_lambda < 0:
+            raise ValueError(f"byot_lambda: must be >= 0; got {self.byot_lambda}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0; got {self.temperature}.")
+
+    def uses(self, method: str) -> bool:
+        return method in self.methods
+
+    def shallow_byot_exits(self, num_exits: int) -> tuple[int, ...]:
+        """The 1-based shallow exits that get BYOT terms, checked against N."""
+        if self.byot_exits is None:
+            return tuple(range(1, num_exits))
+        too_deep = [i for i in self.byot_exits if i >= num_exits]
+        if too_deep:
+            raise ValueError(
+                f"byot_exits: {too_deep} not a shallow exit of a network with "
+                f"{num_exits} exits; allowed: 1..{num_exits - 1}."
+            )
+        return self.byot_exits
+
+    def get_config(self) -> dict:
+        config = dataclasses.asdict(self)
+        config["methods"] = list(self.methods)
+        if self.byot_exits is not None:
+            config["byot_exits"] = list(self.byot_exits)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "SelfKDConfig":
+        config = dict(config)
+        config["methods"] = tuple(config.get("methods", ()))
+        if config.get("byot_exits") is not None:
+            config["byot_exits"] = tuple(config["byot_exits"])
+        return cls(**config)
+
+
+def pskd_alpha_at(epoch: int, epochs: int, final_alpha: float) -> float:
+    """``a_t = a_T * (t + 1) / T`` for the 0-based epoch ``t`` of ``T``."""
+    return final_alpha * (epoch + 1) / epochs
+
+
+def soft_targets(
+    labels: tf.Tensor,
+    num_classes: int,
+    teacher_probs: tf.Tensor | None = None,
+    alpha_t: tf.Tensor | float = 0.0,
+    teacher_valid: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """PS-KD targets ``y_soft = (1 - a_t) onehot(y) + a_t P_T``.
+
+    Args:
+        labels: int ``[B]``.
+        num_classes: ``C``.
+        teacher_probs: ``[B, C]`` previous-epoch predictions, or ``None`` for
+            one-hot targets.
+        alpha_t: the current mixing weight.
+        teacher_valid: optional ``[B]`` 0/1; rows with 0 have no stored
+            prediction yet (epoch 0, or a sample not seen so far) and get the
+            one-hot label.
+
+    Returns:
+        float32 ``[B, C]``.
+    """
+    one_hot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
+    if teacher_probs is None:
+        return one_hot
+    weight = tf.cast(alpha_t, tf.float32) * tf.ones_like(one_hot[:, :1])
+    if teacher_valid is not None:
+        weight = weight * tf.cast(teacher_valid, tf.float32)[:, None]
+    return one_hot + weight * (tf.cast(teacher_probs, tf.float32) - one_hot)
+
+
+def soft_cross_entropy(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    """Per-example ``-sum_c targets_c log softmax(logits)_c``; ``[B]``."""
+    return -tf.reduce_sum(targets * tf.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def kl_divergence(target_logits: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per-example ``KL(softmax(target_logits) || softmax(logits))``; ``[B]``.
+
+    Computed from logits in log space for numerical stability.
+    """
+    target_log_probs = tf.nn.log_softmax(target_logits, axis=-1)
+    log_probs = tf.nn.log_softmax(logits, axis=-1)
+    return tf.reduce_sum(
+        tf.exp(target_log_probs) * (target_log_probs - log_probs), axis=-1
+    )
+
+
+def byot_terms(
+    logits: Sequence[tf.Tensor],
+    features: Sequence[tf.Tensor],
+    targets: tf.Tensor,
+    config: SelfKDConfig,
+    global_batch_size: tf.Tensor | float,
+) -> dict[str, tf.Tensor]:
+    """BYOT ("Be Your Own Teacher") terms, reduced over the global batch.
+
+    The deepest exit's logits and feature are the teacher: they are held
+    constant in the KL and hint terms. The KL term is the true KL divergence;
+    the reference implementation uses the soft cross-entropy instead, which
+    differs by the teacher's entropy, a constant, so gradients are equal.
+
+    Args:
+        logits: N tensors ``[B, C]``, shallowest to deepest.
+        features: N tensors ``[B, D]``.
+        targets: ``[B, C]`` soft targets.
+        config: the settings (``byot_alpha``, ``byot_lambda``,
+            ``temperature``, ``byot_exits``).
+        global_batch_size: number of examples the averages divide by.
+
+    Returns:
+        ``{"byot_ce", "byot_kl", "byot_hint"}`` scalars; their sum is
+        ``L_SelfKD``.
+    """
+    alpha, temperature = config.byot_alpha, config.temperature
+    teacher_logits = tf.stop_gradient(logits[-1]) / temperature
+    teacher_feature = tf.stop_gradient(features[-1])
+    ce = soft_cross_entropy(logits[-1], targets)
+    kl = tf.zeros_like(ce)
+    hint = tf.zeros_like(ce)
+    for i in config.shallow_byot_exits(len(logits)):
+        ce += soft_cross_entropy(logits[i - 1], targets)
+        kl += kl_divergence(teacher_logits, logits[i - 1] / temperature)
+        hint += tf.reduce_sum(tf.square(features[i - 1] - teacher_feature), axis=-1)
+    return {
+        "byot_ce": (1.0 - alpha) * tf.reduce_sum(ce) / global_batch_size,
+        "byot_kl": alpha * temperature**2 * tf.reduce_sum(kl) / global_batch_size,
+        # Summed, not averaged, over the batch: the published lambda assumes it.
+        "byot_hint": config.byot_lambda * tf.reduce_sum(hint),
+    }
+
+
+def dmfl_loss(
+    features: Sequence[tf.Tensor],
+    gradient: str = "mutual",
+    global_batch_size: tf.Tensor | float | None = None,
+) -> tf.Tensor:
+    """Deep mutual feature learning between each shallow exit and the deepest.
+
+    ``1 / (N - 1) sum_{i < N} [KL(q_i || q_N) + KL(q_N || q_i)]`` with
+    ``q = softmax`` over the feature channels. With ``gradient="mutual"`` the
+    first argument of each KL is held constant, so ``KL(q_N || q_i)`` trains
+    the shallow exit and ``KL(q_i || q_N)`` trains the deepest feature.
+    With ``"none"`` the value is the same but passes no gradient.
+
+    Args:
+        features: N tensors ``[B, D]``, shallowest to deepest.
+        gradient: ``"mutual"`` or ``"none"``.
+        global_batch_size: what the batch average divides by (default: the
+            local batch size).
+
+    Returns:
+        A scalar.
+    """
+    if gradient not in DMFL_GRADIENTS:
+        raise ValueError(
+            f"dmfl_gradient: got {gradient!r}; allowed: {', '.join(DMFL_GRADIENTS)}."
+        )
+    deepest = features[-1]
+    if global_batch_size is None:
+        global_batch_size = tf.cast(tf.shape(deepest)[0], deepest.dtype)
+    total = tf.zeros(tf.shape(deepest)[:1], deepest.dtype)
+    for shallow in features[:-1]:
+        total += kl_divergence(tf.stop_gradient(shallow), deepest)
+        total += kl_divergence(tf.stop_gradient(deepest), shallow)
+    loss = tf.reduce_sum(total) / global_batch_size / (len(features) - 1)
+    return tf.stop_gradient(loss) if gradient == "none" else loss
+
+
+def teacher_probabilities(logits: Sequence[tf.Tensor], teacher: str) -> tf.Tensor:
+    """The prediction PS-KD stores for the next epoch, ``[B, C]``."""
+    if teacher == "deepest":
+        return tf.nn.softmax(logits[-1], axis=-1)
+    return tf.add_n([tf.nn.softmax(z, axis=-1) for z in logits]) / len(logits)
+
+
+def selfkd_loss(
+    logits: Sequence[tf.Tensor],
+    features: Sequence[tf.Tensor],
+    labels: tf.Tensor,
+    config: SelfKDConfig,
+    teacher_probs: tf.Tensor | None = None,
+    alpha_t: tf.Tensor | float = 0.0,
+    teacher_valid: tf.Tensor | None = None,
+    global_batch_size: tf.Tensor | float | None = None,
+) -> dict[str, tf.Tensor]:
+    """The whole objective ``L = L_CE + L_SelfKD + L_DMFL``, term by term.
+
+    Args:
+        logits: N tensors ``[B, C]``, shallowest to deepest.
+        features: N tensors ``[B, D]``.
+        labels: int ``[B]``.
+        config: which methods are on and their hyperparameters.
+        teacher_probs: ``[B, C]`` stored previous-epoch predictions for these
+            samples (used only with ``"pskd"``).
+        alpha_t: current PS-KD weight.
+        teacher_valid: optional ``[B]`` 0/1 mask of rows with a stored
+            prediction.
+        global_batch_size: what batch averages divide by; default the local
+            batch size. Under ``tf.distribute`` pass the global batch size.
+
+    Returns:
+        A dict of scalars: ``"ce"``, ``"byot"`` (with its parts
+        ``"byot_ce"``, ``"byot_kl"``, ``"byot_hint"``), ``"dmfl"`` and
+        ``"total"``. Terms of disabled methods are 0.
+
+    Example:
+
+    >>> logits = [tf.zeros([2, 3]), tf.ones([2, 3])]
+    >>> features = [tf.ones([2, 4]), tf.ones([2, 4])]
+    >>> terms = selfkd_loss(logits, features, tf.constant([0, 2]), SelfKDConfig())
+    >>> round(float(terms["ce"]), 4)  # log(3)
+    1.0986
+    """
+    logits = [tf.cast(z, tf.float32) for z in logits]
+    features = [tf.cast(f, tf.float32) for f in features]
+    if global_batch_size is None:
+        global_batch_size = tf.cast(tf.shape(labels)[0], tf.float32)
+    num_classes = logits[-1].shape[-1]
+    if config.uses("pskd") and teacher_probs is not None:
+        targets = soft_targets(labels, num_classes, teacher_probs, alpha_t, teacher_valid)
+    else:
+        targets = soft_targets(labels, num_classes)
+
+    zero = tf.constant(0.0)
+    terms = {
+        "ce": tf.reduce_sum(soft_cross_entropy(logits[-1], targets)) / global_batch_size,
+        "byot_ce": zero,
+        "byot_kl": zero,
+        "byot_hint": zero,
+        "dmfl": zero,
+    }
+    if config.uses("byot"):
+        terms.update(byot_terms(logits, features, targets, config, global_batch_size))
+    if config.uses("dmfl"):
+        terms["dmfl"] = dmfl_loss(features, config.dmfl_gradient, global_batch_size)
+    terms["byot"] = terms["byot_ce"] + terms["byot_kl"] + terms["byot_hint"]
+    terms["total"] = terms["ce"] + terms["byot"] + terms["dmfl"]
+    return terms

@@ -1,0 +1,378 @@
+"""`SelfKDModel`: a multi-exit network that trains itself with PS-KD, BYOT and DMFL.
+
+The model wraps a functional multi-exit backbone (see
+`selfkd_tf.models.build_multi_exit_resnet`) and overrides `train_step` and
+`test_step`, so training is plain `model.fit` with callbacks.
+
+PS-KD state lives in non-trainable variables of the model, so it is saved
+and restored with the weights (`.keras`, `.weights.h5`, checkpoints):
+
+- ``soft_target_table`` ``[num_train_examples, C]``: the teacher, i.e. the
+  prediction for every training sample from the previous epoch;
+- ``soft_target_valid`` ``[num_train_examples]``: 1 where a row holds a
+  prediction (0 rows fall back to one-hot targets, e.g. during epoch 0);
+- ``staged_predictions`` / ``staged_valid``: this epoch's predictions,
+  written during the step and moved into the table by
+  `selfkd_tf.callbacks.SoftTargetRefresh` at the end of the epoch, so a
+  prediction made in epoch t is read only in epoch t + 1;
+- ``pskd_alpha_t``: the current mixing weight, set at every epoch start.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from selfkd_tf import losses
+from selfkd_tf.callbacks import SoftTargetRefresh
+
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+
+
+@keras.saving.register_keras_serializable(package="selfkd_tf")
+class SelfKDModel(keras.Model):
+    """A self-distilling multi-exit classifier.
+
+    Args:
+        backbone: functional model mapping images ``[B, H, W, C]`` to
+            ``{"logits": [z_1..z_N], "features": [F_1..F_N]}``.
+        num_train_examples: size of the training split; the PS-KD table has
+            one row per training sample index. Required with ``"pskd"``.
+        config: a `selfkd_tf.losses.SelfKDConfig` (or its dict form).
+        weight_decay: coupled L2 weight decay over all trainable weights,
+            added to the gradient before momentum (PyTorch ``SGD``
+            semantics, as the reference trains).
+        table_dtype: ``"float32"`` or ``"float16"`` (halves the tables'
+            memory for ImageNet-scale data).
+        input_mean, input_std: the normalisation the data pipeline applied,
+            per channel in [0, 1] pixel units; kept so an exported model can
+            take raw pixels.
+
+    Data: every element is ``({"image": [B, H, W, C], "index": [B]}, labels)``
+    as produced by `selfkd_tf.data.make_datasets`; ``index`` is the stable
+    sample index PS-KD needs (it rides inside ``x`` because Keras reads a
+    3-tuple as ``(x, y, sample_weight)``). Evaluation also accepts plain
+    image tensors as ``x``.
+
+    Logged metrics: ``loss`` (the total objective), ``ce``, ``byot``,
+    ``dmfl``, ``alpha_t``, ``lr``, ``exit{i}_accuracy`` for every exit and
+    ``ensemble_accuracy`` (mean of the exits' probabilities). Evaluation
+    reports ``loss`` (deepest exit's cross-entropy with the hard labels) and
+    the accuracies.
+
+    Example:
+
+    ```python
+    backbone = skd.build_multi_exit_resnet("resnet18", num_classes=10)
+    model = skd.SelfKDModel(backbone, num_train_examples=50000)
+    model.compile(optimizer=skd.make_optimizer(epochs=200, steps_per_epoch=391))
+    model.fit(train_ds, epochs=200, validation_data=test_ds)  # refresh callback added
+    ```
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        num_train_examples: int | None = None,
+        config: losses.SelfKDConfig | dict | None = None,
+        weight_decay: float = 5e-4,
+        table_dtype: str = "float32",
+        input_mean: tuple[float, ...] | None = None,
+        input_std: tuple[float, ...] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(config, dict):
+            config = losses.SelfKDConfig.from_config(config)
+        self.selfkd_config = config or losses.SelfKDConfig()
+        self.backbone = backbone
+        self.num_exits = len(backbone.output["logits"])
+        self.num_classes = int(backbone.output["logits"][-1].shape[-1])
+        self.selfkd_config.shallow_byot_exits(self.num_exits)  # validates
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0; got {weight_decay}.")
+        if table_dtype not in ("float32", "float16"):
+            raise ValueError(
+                f"table_dtype: got {table_dtype!r}; allowed: float32, float16."
+            )
+        self.weight_decay = weight_decay
+        self.table_dtype = table_dtype
+        self.num_train_examples = num_train_examples
+        self.input_mean = tuple(input_mean) if input_mean is not None else None
+        self.input_std = tuple(input_std) if input_std is not None else None
+
+        self.pskd_alpha_t = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="pskd_alpha_t",
+            aggregation="only_first_replica",
+        )
+        if self.selfkd_config.uses("pskd"):
+            if not num_train_examples or num_train_examples < 1:
+                raise ValueError(
+                    "num_train_examples: PS-KD needs the training split size "
+                    f"(one table row per sample); got {num_train_examples}."
+                )
+            table_shape = (num_train_examples, self.num_classes)
+            # ONLY_FIRST_REPLICA: every replica scatters the same all-gathered
+            # rows, so one copy of the update is the right one.
+            make = lambda name, shape, dtype: self.add_weight(  # noqa: E731
+                shape=shape, initializer="zeros", dtype=dtype, trainable=False,
+                autocast=False, aggregation="only_first_replica", name=name,
+            )
+            self.soft_target_table = make("soft_target_table", table_shape, table_dtype)
+            self.soft_target_valid = make("soft_target_valid", table_shape[:1], "float32")
+            self.staged_predictions = make("staged_predictions", table_shape, table_dtype)
+            self.staged_valid = make("staged_valid", table_shape[:1], "float32")
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.term_trackers = {
+            name: keras.metrics.Mean(name=name) for name in ("ce", "byot", "dmfl")
+        }
+        self.exit_accuracies = [
+            keras.metrics.SparseCategoricalAccuracy(name=f"exit{i}_accuracy")
+            for i in range(1, self.num_exits + 1)
+        ]
+        self.ensemble_accuracy = keras.metrics.SparseCategoricalAccuracy(
+            name="ensemble_accuracy"
+        )
+
+    # -- Keras plumbing -------------------------------------------------
+
+    @property
+    def metrics(self):
+        return [
+            self.loss_tracker,
+            *self.term_trackers.values(),
+            *self.exit_accuracies,
+            self.ensemble_accuracy,
+        ]
+
+    def call(self, inputs, training=None):
+        images = inputs["image"] if isinstance(inputs, dict) else inputs
+        return self.backbone(images, training=training)
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+            callbacks=None, **kwargs):
+        """`keras.Model.fit`, with the PS-KD table refresh guaranteed.
+
+        With PS-KD on, a `SoftTargetRefresh` callback is added when missing
+        and moved to the front of the list, so the table is refreshed before
+        any checkpointing callback saves the epoch's state.
+        """
+        callbacks = list(callbacks or [])
+        if self.selfkd_config.uses("pskd"):
+            refresh = [c for c in callbacks if isinstance(c, SoftTargetRefresh)]
+            others = [c for c in callbacks if not isinstance(c, SoftTargetRefresh)]
+            callbacks = (refresh or [SoftTargetRefresh()]) + others
+        return super().fit(x, y, batch_size=batch_size, epochs=epochs,
+                           verbose=verbose, callbacks=callbacks, **kwargs)
+
+    # -- PS-KD table ----------------------------------------------------
+
+    def begin_pskd_epoch(self, epoch: int, epochs: int) -> float:
+        """Sets ``a_t`` for the 0-based ``epoch`` of ``epochs``; returns it."""
+        alpha_t = losses.pskd_alpha_at(epoch, epochs, self.selfkd_config.pskd_alpha)
+        self.pskd_alpha_t.assign(alpha_t if self.selfkd_config.uses("pskd") else 0.0)
+        return alpha_t
+
+    def refresh_soft_targets(self) -> None:
+        """Moves this epoch's staged predictions into the teacher table.
+
+        Rows not predicted this epoch (partial epochs, dropped remainders)
+        keep their previous content.
+        """
+        if not self.selfkd_config.uses("pskd"):
+            return
+        staged = self.staged_valid.value > 0
+        self.soft_target_table.assign(
+            tf.where(staged[:, None], self.staged_predictions.value,
+                     self.soft_target_table.value)
+        )
+        self.soft_target_valid.assign(
+            tf.maximum(self.soft_target_valid.value, self.staged_valid.value)
+        )
+        self.staged_valid.assign(tf.zeros_like(self.staged_valid.value))
+
+    def _stage_predictions(self, index: tf.Tensor, probs: tf.Tensor) -> None:
+        # A mirrored variable cannot be scatter-updated with per-replica
+        # values; gathering first makes every replica write the same rows.
+        context = tf.distribute.get_replica_context()
+        index = context.all_gather(index, axis=0)
+        probs = context.all_gather(probs, axis=0)
+        self.staged_predictions.value.scatter_update(
+            tf.IndexedSlices(tf.cast(probs, self.table_dtype), index)
+        )
+        self.staged_valid.value.scatter_update(
+            tf.IndexedSlices(tf.ones_like(index, tf.float32), index)
+        )
+
+    # -- steps ----------------------------------------------------------
+
+    def _unpack(self, data):
+        x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if isinstance(x, dict):
+            return x["image"], x.get("index"), labels
+        return x, None, labels
+
+    def _update_accuracies(self, labels, logits) -> None:
+        probs = [tf.nn.softmax(tf.cast(z, tf.float32)) for z in logits]
+        for tracker, p in zip(self.exit_accuracies, probs):
+            tracker.update_state(labels, p)
+        self.ensemble_accuracy.update_state(labels, tf.add_n(probs) / len(probs))
+
+    def train_step(self, data):
+        images, index, labels = self._unpack(data)
+        config = self.selfkd_config
+        use_pskd = config.uses("pskd")
+        if use_pskd and index is None:
+            raise ValueError(
+                "PS-KD needs the sample index: feed x as "
+                "{'image': images, 'index': sample_indices}."
+            )
+        context = tf.distribute.get_replica_context()
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch_size = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(labels)[0], tf.float32)
+        )
+        teacher_probs = teacher_valid = None
+        if use_pskd:
+            index = tf.cast(index, tf.int32)
+            teacher_probs = tf.gather(self.soft_target_table.value, index)
+            teacher_valid = tf.gather(self.soft_target_valid.value, index)
+
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            terms = losses.selfkd_loss(
+                outputs["logits"], outputs["features"], labels, config,
+                teacher_probs=teacher_probs, alpha_t=self.pskd_alpha_t.value,
+                teacher_valid=teacher_valid, global_batch_size=global_batch_size,
+            )
+            objective = terms["total"]
+            if self.weight_decay:
+                # Replicas' gradients are summed, so each adds its share.
+                objective += (0.5 * self.weight_decay / num_replicas) * tf.add_n(
+                    [tf.reduce_sum(tf.square(v)) for v in self.trainable_variables]
+                )
+            scaled = self.optimizer.scale_loss(objective)
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        # Exits without a training signal (e.g. the baseline's shallow heads)
+        # get None; a zero gradient leaves them as they are without a warning.
+        gradients = [
+            tf.zeros_like(v) if g is None else g
+            for g, v in zip(gradients, self.trainable_variables)
+        ]
+        self.optimizer.apply(gradients, self.trainable_variables)
+
+        if use_pskd:
+            self._stage_predictions(
+                index, losses.teacher_probabilities(outputs["logits"], config.pskd_teacher)
+            )
+        # Each replica holds its share of a global-batch loss; scaling by the
+        # replica count makes the cross-replica mean the global value.
+        self.loss_tracker.update_state(terms["total"] * num_replicas)
+        for name, tracker in self.term_trackers.items():
+            tracker.update_state(terms[name] * num_replicas)
+        self._update_accuracies(labels, outputs["logits"])
+        logs = {m.name: m.result() for m in self.metrics}
+        logs["alpha_t"] = tf.convert_to_tensor(self.pskd_alpha_t)
+        logs["lr"] = tf.convert_to_tensor(self.optimizer.learning_rate)
+        return logs
+
+    def test_step(self, data):
+        images, _, labels = self._unpack(data)
+        outputs = self(images, training=False)
+        deepest = tf.cast(outputs["logits"][-1], tf.float32)
+        self.loss_tracker.update_state(
+            tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    tf.cast(labels, tf.int32), deepest
+                )
+            )
+        )
+        self._update_accuracies(labels, outputs["logits"])
+        return {
+            m.name: m.result()
+            for m in [self.loss_tracker, *self.exit_accuracies, self.ensemble_accuracy]
+        }
+
+    def predict_step(self, data):
+        images, _, _ = self._unpack(data)
+        return self(images, training=False)
+
+    # -- serialisation --------------------------------------------------
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "num_train_examples": self.num_train_examples,
+            "config": self.selfkd_config.get_config(),
+            "weight_decay": self.weight_decay,
+            "table_dtype": self.table_dtype,
+            "input_mean": self.input_mean,
+            "input_std": self.input_std,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(
+            config["backbone"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def learning_rate_schedule(
+    learning_rate: float = 0.1,
+    schedule: str = "multistep",
+    epochs: int = 300,
+    steps_per_epoch: int = 1,
+) -> keras.optimizers.schedules.LearningRateSchedule | float:
+    """The paper's learning-rate schedules, indexed by optimizer step.
+
+    ``multistep`` multiplies the rate by 0.1 after 50% and after 75% of the
+    epochs (the PS-KD recipe, on epoch boundaries); ``cosine`` decays to 0
+    over all steps; ``constant`` keeps it fixed. Being a function of the
+    optimizer's step counter, the schedule resumes exactly from a
+    checkpoint.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"lr_schedule: got {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}."
+        )
+    if schedule == "constant":
+        return learning_rate
+    total_steps = epochs * steps_per_epoch
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
+    # PiecewiseConstantDecay switches *after* a boundary step; subtracting
+    # one makes the first step of the decayed epoch use the decayed rate.
+    boundaries = [
+        (epochs // 2) * steps_per_epoch - 1,
+        (epochs * 3 // 4) * steps_per_epoch - 1,
+    ]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [learning_rate, learning_rate * 0.1, learning_rate * 0.01]
+    )
+
+
+def make_optimizer(
+    learning_rate: float = 0.1,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    schedule: str = "multistep",
+    epochs: int = 300,
+    steps_per_epoch: int = 1,
+) -> keras.optimizers.Optimizer:
+    """SGD as the paper trains (Nesterov, momentum 0.9, lr 0.1).
+
+    Weight decay is not set here: `SelfKDModel` applies it as coupled L2
+    (``weight_decay`` argument), which Keras's decoupled ``weight_decay``
+    would not reproduce under momentum.
+    """
+    return keras.optimizers.SGD(
+        learning_rate=learning_rate_schedule(
+            learning_rate, schedule, epochs, steps_per_epoch
+        ),
+        momentum=momentum,
+        nesterov=nesterov,
+    )

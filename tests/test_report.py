@@ -1,0 +1,279 @@
+"""Report tables and figures from synthetic run directories."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from selfkd_tf import report
+from selfkd_tf.metrics import build_metrics_record, write_metrics_json
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(path, *, methods, num_exits, dataset="cifar100", seed=0,
+             train_time_s=None, epochs=3, width=None, epoch_times=None):
+    """Writes a run directory and returns its metrics record.
+
+    `flags.json` is written when `width` is given, `history.csv` when
+    `epoch_times` is (one row per epoch).
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=120)
+    exit_probs = []
+    for depth in range(num_exits):
+        # Deeper exits see a stronger signal, so they are more accurate.
+        logits = rng.normal(size=(120, 10))
+        logits[np.arange(120), labels] += 0.5 + depth
+        probs = np.exp(logits)
+        exit_probs.append(probs / probs.sum(axis=1, keepdims=True))
+    record = build_metrics_record(
+        exit_probs, labels, dataset=dataset, split="test", arch="resnet18",
+        methods=methods, params=1000, train_time_s=train_time_s, epochs=epochs)
+    os.makedirs(path)
+    write_metrics_json(record, os.path.join(path, "metrics.json"))
+    if width is not None:
+        flags = {"arch": "resnet18", "methods": ",".join(methods),
+                 "dataset": dataset, "width_multiplier": width,
+                 "epochs": epochs, "seed": seed}
+        with open(os.path.join(path, "flags.json"), "w") as f:
+            json.dump(flags, f)
+    if epoch_times is not None:
+        exits = range(1, num_exits + 1)
+        terms = [m for m in ("byot", "dmfl") if m in methods]
+        columns = ["epoch", "loss", "ce", *terms, "alpha_t", "lr",
+                   *(f"exit{i}_accuracy" for i in exits), "ensemble_accuracy",
+                   "val_loss", *(f"val_exit{i}_accuracy" for i in exits),
+                   "val_ensemble_accuracy", "epoch_time_s"]
+        lines = [",".join(columns)]
+        for epoch, seconds in enumerate(epoch_times):
+            values = [epoch, *rng.random(len(columns) - 2), seconds]
+            lines.append(",".join(str(v) for v in values))
+        with open(os.path.join(path, "history.csv"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return record
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """Three runs under `runs/`, plus a non-run directory.
+
+    * `resnet18_baseline`: 1 exit, timing in metrics.json (3725 s, 5 epochs).
+    * `resnet18_all`: 4 exits, width 0.5, timing only in history.csv.
+    * `other/seed0`: CIFAR-10, 3 exits, no flags, no history, no timing.
+    """
+    root = tmp_path_factory.mktemp("report") / "runs"
+    records = {
+        "resnet18_baseline": make_run(
+            root / "resnet18_baseline", methods=[], num_exits=1,
+            train_time_s=3725.0, epochs=5, width=1.0,
+            epoch_times=[700, 700, 700, 700, 700]),
+        "resnet18_all": make_run(
+            root / "resnet18_all", methods=["dmfl", "pskd", "byot"],
+            num_exits=4, seed=1, width=0.5, epoch_times=[10.0, 11.0, 12.0]),
+        "seed0": make_run(root / "other" / "seed0", methods=["pskd"],
+                          num_exits=3, seed=2, dataset="cifar10"),
+    }
+    (root / "notes").mkdir()
+    return root, records
+
+
+def parse_tables(markdown):
+    """`{section heading: [row dict, ...]}` of a Markdown report."""
+    tables, heading, header = {}, None, None
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            heading, header = line[3:], None
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+                tables[heading] = []
+            elif set(cells) != {"---"} and set(cells) != {"---", "---:"}:
+                tables[heading].append(dict(zip(header, cells, strict=True)))
+    return tables
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_method_label():
+    assert report.method_label([]) == "Baseline"
+    assert report.method_label(["dmfl", "byot", "pskd"]) == "+PS-KD+BYOT+DMFL"
+    assert report.method_label(["mixup", "BYOT"]) == "+BYOT+MIXUP"
+
+
+def test_load_runs_finds_and_names_runs(runs_dir):
+    root, _ = runs_dir
+    runs = report.load_runs([str(root)])
+    # Sorted walk order; `notes` holds no run and is skipped.
+    assert [r.name for r in runs] == ["seed0", "resnet18_all", "resnet18_baseline"]
+    # Globs and repeated runs: first occurrence kept.
+    runs = report.load_runs([str(root / "resnet18_*"), str(root / "resnet18_all")])
+    assert [r.name for r in runs] == ["resnet18_all", "resnet18_baseline"]
+    assert runs[0].flags["width_multiplier"] == 0.5
+    assert runs[0].history["epoch_time_s"].tolist() == [10.0, 11.0, 12.0]
+
+
+def test_runs_sharing_a_base_name_get_longer_names(tmp_path):
+    for parent in ("a", "b"):
+        make_run(tmp_path / parent / "seed0", methods=[], num_exits=1)
+    runs = report.load_runs([str(tmp_path)])
+    assert [r.name for r in runs] == ["a/seed0", "b/seed0"]
+    assert [r.file_stem for r in runs] == ["a-seed0", "b-seed0"]
+
+
+def test_table1_numbers(runs_dir):
+    root, records = runs_dir
+    text = report.table1_markdown(report.load_runs([str(root)]))
+    tables = parse_tables(text)
+    assert list(tables) == ["cifar10 (test)", "cifar100 (test)"]
+    rows = {row["Run"]: row for rows in tables.values() for row in rows}
+    for name, record in records.items():
+        deepest = record["exits"][-1]
+        # Half a unit of the last printed digit: 2 decimals, NLL 3.
+        for column, key, tolerance in [
+            ("Top-1 err (%)", "top1_err", 0.005),
+            ("Top-5 err (%)", "top5_err", 0.005),
+            ("NLL", "nll", 0.0005),
+            ("ECE (%)", "ece", 0.005),
+            ("AURC (x1000)", "aurc", 0.005),
+        ]:
+            assert float(rows[name][column]) == pytest.approx(
+                deepest[key], abs=tolerance), (name, column)
+    baseline, combined, other = (rows[n] for n in records)
+    assert (baseline["Model"], baseline["Method"]) == ("resnet18", "Baseline")
+    # 3725 s = 1 h 2 min 5 s over 5 epochs (metrics.json wins over history).
+    assert baseline["Train time (h:mm:ss)"] == "1:02:05"
+    assert baseline["Time / epoch (s)"] == "745.0"
+    assert combined["Model"] == "resnet18 (width 0.5)"
+    assert combined["Method"] == "+PS-KD+BYOT+DMFL"
+    # No timing in metrics.json: history's 10 + 11 + 12 s, mean 11 s.
+    assert combined["Train time (h:mm:ss)"] == "0:00:33"
+    assert combined["Time / epoch (s)"] == "11.0"
+    assert other["Train time (h:mm:ss)"] == other["Time / epoch (s)"] == "n/a"
+
+
+def test_table2_numbers(runs_dir):
+    root, records = runs_dir
+    tables = parse_tables(report.table2_markdown(report.load_runs([str(root)])))
+    cifar100 = {row["Run"]: row for row in tables["cifar100 (test)"]}
+    exit_columns = ["Exit 1 (stage 1)", "Exit 2 (stage 2)", "Exit 3 (stage 3)",
+                    "Exit 4 (deepest)"]
+    assert list(cifar100["resnet18_all"]) == [
+        "Run", "Model", "Method", *exit_columns, "Ensemble"]
+    record = records["resnet18_all"]
+    accuracies = [float(cifar100["resnet18_all"][c]) for c in exit_columns]
+    expected = [100 - e["top1_err"] for e in record["exits"]]
+    assert accuracies == pytest.approx(expected, abs=0.005)
+    assert float(cifar100["resnet18_all"]["Ensemble"]) == pytest.approx(
+        100 - record["ensemble"]["top1_err"], abs=0.005)
+    # The single-exit baseline sits under "deepest", with no ensemble.
+    baseline = cifar100["resnet18_baseline"]
+    assert [baseline[c] for c in exit_columns[:3]] == ["", "", ""]
+    assert float(baseline["Exit 4 (deepest)"]) == pytest.approx(
+        100 - records["resnet18_baseline"]["exits"][0]["top1_err"], abs=0.005)
+    assert baseline["Ensemble"] == ""
+    (cifar10,) = tables["cifar10 (test)"]
+    assert list(cifar10)[3:] == ["Exit 1 (stage 1)", "Exit 2 (stage 2)",
+                                 "Exit 3 (deepest)", "Ensemble"]
+
+
+def test_write_report_outputs(runs_dir, tmp_path, caplog):
+    root, _ = runs_dir
+    runs = report.load_runs([str(root)])
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="selfkd_tf.report"):
+        written = report.write_report(runs, str(out))
+    expected = {"table1.md", "table2.md", "figure2.png",
+                "reliability_seed0.png", "reliability_resnet18_all.png",
+                "reliability_resnet18_baseline.png",
+                "curves_resnet18_all.png", "curves_resnet18_baseline.png"}
+    assert {os.path.basename(p) for p in written} == expected
+    assert set(os.listdir(out)) == expected
+    for name in expected - {"table1.md", "table2.md"}:
+        assert_png(out / name)
+    # `seed0` has no history.csv: no curves, one warning naming the run.
+    assert "seed0" in caplog.text and "curves_seed0.png" in caplog.text
+
+
+def test_runs_without_timing_still_get_figure2(tmp_path):
+    make_run(tmp_path / "run", methods=[], num_exits=1)
+    report.plot_figure2(report.load_runs([str(tmp_path / "run")]),
+                        str(tmp_path / "figure2.png"))
+    assert_png(tmp_path / "figure2.png")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "missing metrics.json"),
+        ("{not json", "invalid JSON"),
+        ('{"arch": "resnet18"}', "missing dataset, split, methods"),
+    ],
+)
+def test_unusable_run_raises(tmp_path, content, message):
+    run = tmp_path / "broken"
+    run.mkdir()
+    (run / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n")
+    if content is not None:
+        (run / "metrics.json").write_text(content)
+    with pytest.raises(report.RunDataError, match=message) as error:
+        report.load_runs([str(tmp_path)])
+    assert str(run) in str(error.value)
+
+
+def test_specs_without_runs_raise(runs_dir, tmp_path):
+    root, _ = runs_dir
+    with pytest.raises(report.RunDataError, match="no run directory inside"):
+        report.load_runs([str(root / "notes")])
+    with pytest.raises(report.RunDataError, match="no such directory"):
+        report.load_runs([str(tmp_path / "absent")])
+    with pytest.raises(report.RunDataError, match="pattern matches no run"):
+        report.load_runs([str(root / "notes*")])
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "selfkd_tf.cli.report", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_report(runs_dir, tmp_path):
+    root, records = runs_dir
+    out = tmp_path / "report"
+    result = run_cli(f"--runs={root}/resnet18_*,{root}/other", f"--out={out}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == sorted(
+        str(out / name) for name in os.listdir(out))
+    assert len(os.listdir(out)) == 8
+    assert_png(out / "figure2.png")
+    rows = parse_tables((out / "table1.md").read_text())["cifar100 (test)"]
+    row = next(r for r in rows if r["Run"] == "resnet18_all")
+    assert float(row["Top-1 err (%)"]) == pytest.approx(
+        records["resnet18_all"]["exits"][-1]["top1_err"], abs=0.005)
+
+
+def test_cli_missing_metrics_fails_without_output(runs_dir, tmp_path):
+    root, _ = runs_dir
+    broken = tmp_path / "crashed_run"
+    broken.mkdir()
+    (broken / "flags.json").write_text('{"arch": "resnet18"}')
+    out = tmp_path / "report"
+    result = run_cli(f"--runs={root},{broken}", f"--out={out}", cwd=tmp_path)
+    assert result.returncode != 0
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert str(broken) in message and "metrics.json" in message
+    assert not out.exists()
+    assert result.stdout == ""
