@@ -483,6 +483,7 @@ def _train_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
+        .prefetch(tf.data.AUTOTUNE)
     )
     if epochs is not None:
         return batches.map(lambda element, step: element).apply(
@@ -503,7 +504,7 @@ def _train_dataset(
     # consumer.
     options.experimental_optimization.inject_prefetch = False
     return (
-        batches.map(count_completed_epoch).prefetch(tf.data.AUTOTUNE)
+        batches.map(count_completed_epoch)
         .apply(tf.data.experimental.assert_cardinality(steps))
         .with_options(options)
     )

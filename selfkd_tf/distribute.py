@@ -15,7 +15,7 @@ set_mixed_precision("bfloat16")
 with strategy.scope():
     backbone = build_multi_exit_resnet("resnet18", 100, sync_batchnorm=True)
     model = SelfKDModel(backbone, num_train_examples=info.num_train)
-    model.compile(optimizer=make_optimizer(), jit_compile=False)
+    model.compile(optimizer=make_optimizer())
 model.fit(train, epochs=200, steps_per_epoch=info.steps_per_epoch)
 ```
 """

@@ -150,6 +150,21 @@ class SelfKDModel(keras.Model):
         images = inputs["image"] if isinstance(inputs, dict) else inputs
         return self.backbone(images, training=training)
 
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`, refusing XLA for several replicas up front.
+
+        Keras compiles the step of all replicas as one XLA program, which
+        cannot reach the variables of other devices; the failure would only
+        show at the first step, as a graph error.
+        """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if kwargs.get("jit_compile") is True and replicas > 1:
+            raise ValueError(
+                f"jit_compile=True needs a single replica; the strategy has "
+                f"{replicas}. Use jit_compile='auto' (XLA off) or one device."
+            )
+        super().compile(*args, **kwargs)
+
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
             callbacks=None, **kwargs):
         """`keras.Model.fit`, with the PS-KD table refresh guaranteed.
@@ -163,6 +178,12 @@ class SelfKDModel(keras.Model):
             refresh = [c for c in callbacks if isinstance(c, SoftTargetRefresh)]
             others = [c for c in callbacks if not isinstance(c, SoftTargetRefresh)]
             callbacks = (refresh or [SoftTargetRefresh()]) + others
+        if self.optimizer is not None and not self.optimizer.built:
+            # Without a strategy scope Keras builds the optimizer inside the
+            # first trace of the train step; the slot variables created there
+            # make tf.function trace the whole step a second time.
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
         return super().fit(x, y, batch_size=batch_size, epochs=epochs,
                            verbose=verbose, callbacks=callbacks, **kwargs)
 
@@ -196,7 +217,11 @@ class SelfKDModel(keras.Model):
         # A mirrored variable cannot be scatter-updated with per-replica
         # values; gathering first makes every replica write the same rows.
         context = tf.distribute.get_replica_context()
-        index = context.all_gather(index, axis=0)
+        # tf.identity places the index on this replica's device: under
+        # MultiWorkerMirroredStrategy the tensor straight from the input
+        # iterator has none, and all_gather then fails ("destinations can not
+        # be empty").
+        index = context.all_gather(tf.identity(index), axis=0)
         probs = context.all_gather(probs, axis=0)
         self.staged_predictions.value.scatter_update(
             tf.IndexedSlices(tf.cast(probs, self.table_dtype), index)
@@ -260,6 +285,10 @@ class SelfKDModel(keras.Model):
             tf.zeros_like(v) if g is None else g
             for g, v in zip(gradients, self.trainable_variables)
         ]
+        if num_replicas > 1 and isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            gradients = _share_overflow(gradients, context)
         self.optimizer.apply(gradients, self.trainable_variables)
 
         if use_pskd:
@@ -319,6 +348,26 @@ class SelfKDModel(keras.Model):
             config["backbone"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _share_overflow(gradients: list[tf.Tensor], context) -> list[tf.Tensor]:
+    """Makes every replica's gradients non-finite when any replica's are.
+
+    `keras.optimizers.LossScaleOptimizer` decides whether to skip a step from
+    the gradients it is given, which are still per replica: under a strategy
+    that merges (MirroredStrategy, MultiWorkerMirroredStrategy) it looks at
+    the first local replica only, so an overflow on another replica would be
+    summed into every weight; otherwise each replica would decide on its own
+    and the replicas would fall out of step. One scalar all-reduce makes the
+    decision global.
+    """
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+    overflows = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)
+    )
+    poison = tf.where(overflows > 0, float("nan"), 0.0)
+    # One poisoned gradient is enough for the optimizer's finiteness check.
+    return [gradients[0] + tf.cast(poison, gradients[0].dtype), *gradients[1:]]
 
 
 def learning_rate_schedule(

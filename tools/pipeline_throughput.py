@@ -1,8 +1,8 @@
 """Measures how many training images per second the input pipeline delivers.
 
 Builds the training dataset of `selfkd_tf.data.make_datasets` (augmented and
-normalized, as in training) and times full epochs of it with nothing else
-running, then prints the per-epoch rates and their median.
+normalized, as in training), reads whole epochs of it with no model consuming
+the batches, and prints the rate of each epoch and their median.
 
 Example:
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    # One extra epoch first: it traces the pipeline functions and fills buffers.
+    # One untimed epoch first: it traces the pipeline and fills its buffers.
     train, _, info = make_datasets(
         args.dataset,
         data_dir=args.data_dir,
@@ -41,30 +41,24 @@ def main(argv: list[str] | None = None) -> None:
         augment=args.augment,
         epochs=args.epochs + 1,
     )
-    print(
-        f"loaded {info.name}: {info.num_train} training images {info.image_shape} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    elapsed = time.perf_counter() - start
+    print(f"loaded {info.name}: {info.num_train} training images")
+    print(f"  of shape {info.image_shape} in {elapsed:.1f} s")
 
-    rates = []
     batches = iter(train)
+    rates = []
     for epoch in range(args.epochs + 1):
         start = time.perf_counter()
         for _ in range(info.steps_per_epoch):
             next(batches)
-        rate = info.num_train / (time.perf_counter() - start)
-        if epoch:
-            rates.append(rate)
-        print(
-            f"epoch {epoch}{' (warm-up)' if not epoch else ''}: {rate:,.0f} images/s"
-        )
-    print(
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"batch {args.batch_size}, augment={args.augment}"
-    )
-    print(
-        f"median over {args.epochs} epochs: {statistics.median(rates):,.0f} images/s"
-    )
+        rates.append(info.num_train / (time.perf_counter() - start))
+        label = "warm-up" if epoch == 0 else f"epoch {epoch}"
+        print(f"{label}: {rates[-1]:,.0f} images/s")
+
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}")
+    print(f"batch {args.batch_size}, augment={args.augment}")
+    median = statistics.median(rates[1:])
+    print(f"median over {args.epochs} epochs: {median:,.0f} images/s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""selfkd-eval and the model loading it shares with selfkd-export."""
+
+import json
+import shutil
+
+import pytest
+
+from cli_support import run_cli, write_npz
+from selfkd_tf import experiment
+from selfkd_tf.experiment import SettingsError, TrainSettings
+from selfkd_tf.metrics import METRIC_KEYS
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished one-epoch run whose normalisation comes from a training subset."""
+    root = tmp_path_factory.mktemp("evaluate")
+    settings = TrainSettings(
+        dataset=write_npz(root / "data.npz", n_train=96, n_test=32),
+        train_examples=64, arch="resnet18", width_multiplier=0.0625, num_stages=2,
+        epochs=1, batch_size=32, lr=0.05, lr_schedule="constant",
+        model_dir=str(root / "run"))
+    experiment.train(settings)
+    return root / "run"
+
+
+def _scores(record):
+    return [e[k] for e in [*record["exits"], record["ensemble"]] for k in METRIC_KEYS]
+
+
+def test_loads_a_run_directory_or_a_keras_file(run_dir, tmp_path):
+    trained = experiment.load_trained_model(str(run_dir))
+    assert trained.run_dir == str(run_dir)
+    assert trained.settings.train_examples == 64
+    assert trained.model.num_exits == 2
+    beside = experiment.load_trained_model(str(run_dir / "model.keras"))
+    assert beside.settings == trained.settings
+    shutil.copy(run_dir / "model.keras", tmp_path / "lone.keras")
+    lone = experiment.load_trained_model(str(tmp_path / "lone.keras"))
+    assert (lone.settings, lone.run_dir) == (None, None)
+    for missing in (tmp_path / "nothing", tmp_path):
+        with pytest.raises(SettingsError) as error:
+            experiment.load_trained_model(str(missing))
+        assert error.value.flag == "model"
+
+
+def test_lone_model_is_evaluated_with_its_own_normalisation(run_dir, tmp_path):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    shutil.copy(run_dir / "model.keras", tmp_path / "lone.keras")
+    lone = experiment.load_trained_model(str(tmp_path / "lone.keras"))
+    with pytest.raises(SettingsError, match="dataset: required"):
+        experiment.evaluate_trained(lone)
+    # All 96 training images give other statistics than the run's 64; the
+    # images are mapped onto the model's normalisation all the same.
+    record = experiment.evaluate_trained(lone, dataset=metrics["dataset"])
+    assert _scores(record) == pytest.approx(_scores(metrics), abs=1e-3)
+    with pytest.raises(SettingsError) as error:
+        experiment.evaluate_trained(lone, dataset=metrics["dataset"], split="train")
+    assert error.value.flag == "split" and "allowed: test, validation" in error.value.problem
+
+
+def test_validation_split_needs_one_held_out(run_dir):
+    with pytest.raises(SettingsError, match="held out none") as error:
+        experiment.evaluate_trained(experiment.load_trained_model(str(run_dir)),
+                                    split="validation")
+    assert error.value.flag == "split"
+
+
+def test_eval_command_reproduces_the_runs_metrics(run_dir, tmp_path):
+    result = run_cli("selfkd_tf.cli.evaluate", f"--model={run_dir}",
+                     f"--out={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert _scores(written) == pytest.approx(_scores(metrics), abs=1e-6)
+    assert {k: written[k] for k in ("dataset", "split", "arch", "methods", "epochs",
+                                    "params")} == {
+        k: metrics[k] for k in ("dataset", "split", "arch", "methods", "epochs", "params")}
+    table = result.stdout.splitlines()
+    assert table[1].split() == ["exit", *METRIC_KEYS]
+    assert [row.split()[0] for row in table[2:5]] == ["1", "2", "ensemble"]
+    assert table[-1] == f"Wrote {tmp_path / 'eval' / 'metrics.json'}"
+
