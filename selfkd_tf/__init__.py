@@ -8,39 +8,47 @@ shallow ones, and DMFL mutual learning between shallow and deep features.
 >>> train, test, info = skd.make_datasets("cifar100", epochs=300)
 >>> backbone = skd.build_multi_exit_resnet("resnet18", info.num_classes)
 >>> model = skd.SelfKDModel(backbone, num_train_examples=info.num_train)
+
+The names below are imported on first use, so tools that need no
+TensorFlow (``selfkd-report``) start without loading it.
 """
 
-from selfkd_tf.callbacks import SoftTargetRefresh
-from selfkd_tf.data import DataError, DatasetInfo, load_arrays, make_datasets
-from selfkd_tf.losses import (
-    SelfKDConfig,
-    byot_terms,
-    dmfl_loss,
-    pskd_alpha_at,
-    selfkd_loss,
-    soft_targets,
-)
-from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel, learning_rate_schedule, make_optimizer
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ARCHITECTURES",
-    "EXIT_HEADS",
-    "DataError",
-    "DatasetInfo",
-    "SelfKDConfig",
-    "SelfKDModel",
-    "SoftTargetRefresh",
-    "build_multi_exit_resnet",
-    "byot_terms",
-    "dmfl_loss",
-    "learning_rate_schedule",
-    "load_arrays",
-    "make_datasets",
-    "make_optimizer",
-    "pskd_alpha_at",
-    "selfkd_loss",
-    "soft_targets",
-]
+_EXPORTS = {
+    "SoftTargetRefresh": "selfkd_tf.callbacks",
+    "DataError": "selfkd_tf.data",
+    "DatasetInfo": "selfkd_tf.data",
+    "load_arrays": "selfkd_tf.data",
+    "make_datasets": "selfkd_tf.data",
+    "SelfKDConfig": "selfkd_tf.losses",
+    "byot_terms": "selfkd_tf.losses",
+    "dmfl_loss": "selfkd_tf.losses",
+    "pskd_alpha_at": "selfkd_tf.losses",
+    "selfkd_loss": "selfkd_tf.losses",
+    "soft_targets": "selfkd_tf.losses",
+    "ARCHITECTURES": "selfkd_tf.models",
+    "EXIT_HEADS": "selfkd_tf.models",
+    "build_multi_exit_resnet": "selfkd_tf.models",
+    "SelfKDModel": "selfkd_tf.training",
+    "learning_rate_schedule": "selfkd_tf.training",
+    "make_optimizer": "selfkd_tf.training",
+    "TrainSettings": "selfkd_tf.experiment",
+    "train": "selfkd_tf.experiment",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'selfkd_tf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import typing
 
 import keras
@@ -52,7 +53,6 @@ from selfkd_tf import data as data_lib
 from selfkd_tf import distribute as distribute_lib
 from selfkd_tf import losses
 from selfkd_tf import metrics as metrics_lib
-from selfkd_tf.callbacks import SoftTargetRefresh
 from selfkd_tf.export import count_parameters
 from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
 from selfkd_tf.models.resnet import _NUM_STAGES_CHOICES as NUM_STAGES
@@ -603,8 +603,6 @@ def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:
 
 
 def _remove_run_files(run_dir: str) -> None:
-    import shutil  # noqa: PLC0415 - only --overwrite deletes anything
-
     for name in RUN_FILES:
         path = os.path.join(run_dir, name)
         if os.path.isdir(path):
@@ -686,7 +684,7 @@ def _callbacks(settings: TrainSettings, saver: checkpointing.CheckpointCallback)
     # _truncate_history) rather than never.
     run_dir = settings.model_dir
     return [
-        SoftTargetRefresh(epochs=settings.epochs),
+        callbacks_lib.SoftTargetRefresh(epochs=settings.epochs),
         callbacks_lib.EpochTimer(),
         # Given here rather than added by fit, so it finishes the epoch's bar
         # before EpochSummary prints.

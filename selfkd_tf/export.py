@@ -58,8 +58,8 @@ def count_flops(model: keras.Model) -> int:
     """Floating-point operations of one forward pass on one image.
 
     Counted by TensorFlow's profiler on the inference graph (a
-    multiply-accumulate is two operations); layers without a registered
-    count (activations, batch norm folded at serving) add nothing.
+    multiply-accumulate is two operations); ops without a registered count
+    (e.g. activations) add nothing.
     """
     forward = tf.function(lambda images: model(images, training=False))
     graph = forward.get_concrete_function(

@@ -150,21 +150,6 @@ class SelfKDModel(keras.Model):
         images = inputs["image"] if isinstance(inputs, dict) else inputs
         return self.backbone(images, training=training)
 
-    def compile(self, *args, **kwargs):
-        """`keras.Model.compile`, refusing XLA for several replicas up front.
-
-        Keras compiles the step of all replicas as one XLA program, which
-        cannot reach the variables of other devices; the failure would only
-        show at the first step, as a graph error.
-        """
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if kwargs.get("jit_compile") is True and replicas > 1:
-            raise ValueError(
-                f"jit_compile=True needs a single replica; the strategy has "
-                f"{replicas}. Use jit_compile='auto' (XLA off) or one device."
-            )
-        super().compile(*args, **kwargs)
-
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
             callbacks=None, **kwargs):
         """`keras.Model.fit`, with the PS-KD table refresh guaranteed.
@@ -172,18 +157,33 @@ class SelfKDModel(keras.Model):
         With PS-KD on, a `SoftTargetRefresh` callback is added when missing
         and moved to the front of the list, so the table is refreshed before
         any checkpointing callback saves the epoch's state.
+
+        Raises:
+            ValueError: if compiled with ``jit_compile=True`` under a
+                strategy with several replicas: Keras compiles the step of
+                all replicas as one XLA program, which cannot reach the
+                other devices' variables (it would fail at the first step
+                with a device error).
         """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1 and getattr(self, "jit_compile", False):
+            raise ValueError(
+                f"jit_compile=True needs a single replica; the strategy has "
+                f"{replicas}. Compile with jit_compile='auto' (XLA off) or "
+                "train on one device."
+            )
         callbacks = list(callbacks or [])
         if self.selfkd_config.uses("pskd"):
             refresh = [c for c in callbacks if isinstance(c, SoftTargetRefresh)]
             others = [c for c in callbacks if not isinstance(c, SoftTargetRefresh)]
             callbacks = (refresh or [SoftTargetRefresh()]) + others
-        if self.optimizer is not None and not self.optimizer.built:
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
             # Without a strategy scope Keras builds the optimizer inside the
             # first trace of the train step; the slot variables created there
             # make tf.function trace the whole step a second time.
             with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
+                optimizer.build(self.trainable_variables)
         return super().fit(x, y, batch_size=batch_size, epochs=epochs,
                            verbose=verbose, callbacks=callbacks, **kwargs)
 

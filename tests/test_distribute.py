@@ -98,18 +98,35 @@ def _train_with_pskd(strategy: tf.distribute.Strategy) -> dict[str, np.ndarray]:
     }
 
 
+def _dense_model(strategy: tf.distribute.Strategy) -> SelfKDModel:
+    """A one-exit baseline of two Dense layers: cheap to build and trace."""
+    with strategy.scope():
+        inputs = keras.Input((4,))
+        feature = keras.layers.Dense(8, activation="relu")(inputs)
+        logits = keras.layers.Dense(NUM_CLASSES, dtype="float32")(feature)
+        backbone = keras.Model(inputs, {"logits": [logits], "features": [feature]})
+        return SelfKDModel(
+            backbone, config=losses.SelfKDConfig(methods=()), weight_decay=0.0
+        )
+
+
+def _refuses_xla(strategy: tf.distribute.Strategy) -> bool:
+    model = _dense_model(strategy)
+    with strategy.scope():
+        model.compile(optimizer="sgd", jit_compile=True)
+    try:
+        model.fit(np.zeros((8, 4), "float32"), np.zeros(8, "int32"), verbose=0)
+    except ValueError as error:
+        return "single replica" in str(error)
+    return False
+
+
 def _overflow_on_second_replica(strategy: tf.distribute.Strategy) -> dict[str, np.ndarray]:
     """One float16 step whose second half-batch (replica 1's) overflows."""
     set_mixed_precision("float16")
     try:
+        model = _dense_model(strategy)
         with strategy.scope():
-            inputs = keras.Input((4,))
-            feature = keras.layers.Dense(8, activation="relu")(inputs)
-            logits = keras.layers.Dense(NUM_CLASSES, dtype="float32")(feature)
-            backbone = keras.Model(inputs, {"logits": [logits], "features": [feature]})
-            model = SelfKDModel(
-                backbone, config=losses.SelfKDConfig(methods=()), weight_decay=0.0
-            )
             model.compile(optimizer=keras.optimizers.SGD(0.1))
     finally:
         set_mixed_precision("none")
@@ -139,6 +156,7 @@ def mirrored_child(out_dir: pathlib.Path) -> None:
             results[f"{name}_{key}"] = value
     for key, value in _overflow_on_second_replica(mirrored).items():
         results[f"overflow_{key}"] = value
+    results["refuses_xla"] = _refuses_xla(mirrored)
     np.savez(out_dir / "mirrored.npz", **results)
 
 
@@ -232,6 +250,12 @@ def test_overflow_on_one_replica_skips_the_step_everywhere(mirrored):
     # let the step through and the summed gradients turn the weights to NaN.
     assert mirrored["overflow_max_weight_change"] == 0.0
     assert mirrored["overflow_loss_scale"] == mirrored["overflow_initial_loss_scale"] / 2
+
+
+def test_xla_is_refused_for_several_replicas(mirrored):
+    # Keras would compile both replicas' steps as one XLA program, which
+    # fails at the first step with a device error.
+    assert mirrored["refuses_xla"]
 
 
 def test_strategy_names_are_checked():

@@ -66,27 +66,31 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     dataset = write_npz(tmp_path / "data.npz")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     # Both start together: under --deterministic neither affects the other.
-    uninterrupted = subprocess.Popen(
-        command(*_train_args(dataset, reference, "--deterministic")), cwd=REPO,
-        env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(
-        command(*_train_args(dataset, killed, "--deterministic")), cwd=REPO,
-        env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        number = _kill_mid_epoch(victim, killed)
-    finally:
-        victim.kill()
-    epoch, step = divmod(number, STEPS_PER_EPOCH)
-    position = checkpointing.read_position(str(killed / "checkpoints"))
-    assert (position.epoch, position.step) == (epoch, step)
-    assert position.train_time_s > 0
-    assert not (killed / "model.keras").exists()
+    with open(tmp_path / "reference.log", "w") as reference_log:
+        uninterrupted = subprocess.Popen(
+            command(*_train_args(dataset, reference, "--deterministic")), cwd=REPO,
+            env=environment(), stdout=reference_log, stderr=subprocess.STDOUT)
+        try:
+            victim = subprocess.Popen(
+                command(*_train_args(dataset, killed, "--deterministic")), cwd=REPO,
+                env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                number = _kill_mid_epoch(victim, killed)
+            finally:
+                victim.kill()
+            epoch, step = divmod(number, STEPS_PER_EPOCH)
+            position = checkpointing.read_position(str(killed / "checkpoints"))
+            assert (position.epoch, position.step) == (epoch, step)
+            assert position.train_time_s > 0
+            assert not (killed / "model.keras").exists()
 
-    resumed = run_cli(*_train_args(dataset, killed, "--deterministic"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming {killed} at epoch {epoch + 1}, step {step} of 4." in resumed.stdout
-    _, errors = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, errors[-3000:]
+            resumed = run_cli(*_train_args(dataset, killed, "--deterministic"))
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert f"Resuming {killed} at epoch {epoch + 1}, step {step} of 4." in resumed.stdout
+            uninterrupted.wait(timeout=300)
+        finally:
+            uninterrupted.kill()
+    assert uninterrupted.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     # Same epochs, logged once each, with the same values.
     assert [r["epoch"] for r in _history(killed)] == ["0", "1"]
@@ -129,3 +133,14 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     position = checkpointing.TrainingCheckpoint(model, match[3]).restore_latest()
     assert (position.epoch, position.step) == (0, int(match[2]))
     assert all(np.isfinite(w.numpy()).all() for w in model.weights)
+
+
+def test_history_keeps_only_the_epochs_before_the_resumed_one(tmp_path):
+    path = tmp_path / "history.csv"
+    # A kill can leave the row of an epoch whose checkpoint was not written,
+    # or half a row.
+    path.write_text("epoch,loss\n0,2.5\n1,2.0\n2,1.5\n3,1.")
+    experiment._truncate_history(str(path), 2)
+    assert path.read_text().splitlines() == ["epoch,loss", "0,2.5", "1,2.0"]
+    experiment._truncate_history(str(path), 0)
+    assert not path.exists()
