@@ -55,7 +55,7 @@ from selfkd_tf import losses
 from selfkd_tf import metrics as metrics_lib
 from selfkd_tf.export import count_parameters
 from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
-from selfkd_tf.models.resnet import _NUM_STAGES_CHOICES as NUM_STAGES
+from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
 from selfkd_tf.training import LR_SCHEDULES, SelfKDModel, make_optimizer
 
 FLAGS_FILE = "flags.json"
@@ -580,7 +580,8 @@ def _read_settings(run_dir: str) -> TrainSettings | None:
         raise SettingsError("model_dir", f"unreadable {path}: {err}") from err
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that readers never see half a file."""
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(text)
@@ -659,13 +660,15 @@ def _resolved(settings: TrainSettings) -> TrainSettings:
         settings, dataset=dataset, model_dir=os.path.abspath(model_dir))
 
 
-def _seed(settings: TrainSettings) -> None:
+def seed_everything(settings: TrainSettings) -> None:
+    """Seeds Python, NumPy, TensorFlow and Keras; optionally deterministic ops."""
     keras.utils.set_random_seed(settings.seed)
     if settings.deterministic:
         tf.config.experimental.enable_op_determinism()
 
 
-def _check_replicas(settings: TrainSettings, strategy: tf.distribute.Strategy) -> None:
+def check_replicas(settings: TrainSettings, strategy: tf.distribute.Strategy) -> None:
+    """Refuses a global batch that the strategy's replicas cannot share evenly."""
     replicas = strategy.num_replicas_in_sync
     if settings.batch_size % replicas:
         raise SettingsError(
@@ -784,10 +787,10 @@ def train(settings: TrainSettings) -> dict:
     resumed = checkpointing.read_position(checkpoint_dir) if previous else None
     start = resumed or checkpointing.Position()
 
-    _seed(settings)
+    seed_everything(settings)
     with _as_settings_error():
         strategy = distribute_lib.make_strategy(settings.distribute)
-    _check_replicas(settings, strategy)
+    check_replicas(settings, strategy)
     train_ds, eval_ds, info = build_datasets(
         settings, initial_epoch=min(start.epoch, settings.epochs - 1))
     with strategy.scope():
@@ -798,7 +801,7 @@ def train(settings: TrainSettings) -> dict:
     if settings.overwrite:
         _remove_run_files(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    _write_atomically(os.path.join(run_dir, FLAGS_FILE),
+    write_atomically(os.path.join(run_dir, FLAGS_FILE),
                       json.dumps(settings.to_json(), indent=2) + "\n")
     checkpoint = checkpointing.TrainingCheckpoint(model, checkpoint_dir)
     if resumed:

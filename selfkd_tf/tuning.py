@@ -524,9 +524,9 @@ def tune(
     """
     settings.validate()
     tune_settings.validate(settings)
-    experiment._seed(settings)
+    experiment.seed_everything(settings)
     strategy = distribute.make_strategy(settings.distribute)
-    experiment._check_replicas(settings, strategy)
+    experiment.check_replicas(settings, strategy)
     hypermodel = SelfKDHyperModel(settings, tune_settings)
     # A first build proves the data and the model before anything is written.
     experiment.build_model(settings, hypermodel.info)
@@ -542,7 +542,7 @@ def tune(
     if settings.overwrite and os.path.exists(best_path):
         os.remove(best_path)
     os.makedirs(tuner_dir, exist_ok=True)
-    experiment._write_atomically(search_path, json.dumps(record, indent=2) + "\n")
+    experiment.write_atomically(search_path, json.dumps(record, indent=2) + "\n")
 
     tuner = make_tuner(hypermodel, tuner_dir, strategy, overwrite=settings.overwrite)
     if verbose:
@@ -562,7 +562,7 @@ def tune(
         retrain=retrain_settings(settings, trials[0], tuner_dir) if trials else None,
     )
     if trials:
-        experiment._write_atomically(
+        experiment.write_atomically(
             best_path,
             json.dumps(best_hyperparameters_record(result), indent=2) + "\n")
     return result

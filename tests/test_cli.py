@@ -90,7 +90,7 @@ def test_flagfiles_parse_to_valid_settings(config):
 def test_replicas_must_divide_the_batch():
     two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
     with pytest.raises(SettingsError, match="divisible by the 2 replicas") as error:
-        experiment._check_replicas(TrainSettings(batch_size=33), two_replicas)
+        experiment.check_replicas(TrainSettings(batch_size=33), two_replicas)
     assert error.value.flag == "batch_size"
 
 

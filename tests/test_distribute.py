@@ -9,6 +9,7 @@ form a `tf.distribute.MultiWorkerMirroredStrategy` cluster on localhost.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -210,12 +211,20 @@ def _wait(processes: list[subprocess.Popen]) -> list[str]:
     return outputs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mirrored(tmp_path_factory) -> dict[str, np.ndarray]:
-    out_dir = tmp_path_factory.mktemp("mirrored")
-    process = _child("mirrored", str(out_dir))
-    (output,) = _wait([process])
-    assert process.returncode == 0, output[-5000:]
+    out_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Each pytest-xdist worker sets up session fixtures on its own; the
+        # session's shared folder and a lock let the first one run the child
+        # and the others read its results.
+        out_dir = out_dir.parent
+    with open(out_dir / "mirrored.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out_dir / "mirrored.npz").exists():
+            process = _child("mirrored", str(out_dir))
+            (output,) = _wait([process])
+            assert process.returncode == 0, output[-5000:]
     with np.load(out_dir / "mirrored.npz") as results:
         return dict(results)
 

@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
         "evaluates it on the test split:\n"
         f"  selfkd-train --flagfile={flagfile}"
     )
-    experiment._write_atomically(flagfile, flagfile_text(result.retrain, comment))
+    experiment.write_atomically(flagfile, flagfile_text(result.retrain, comment))
     print(f"\nWrote {os.path.join(result.tuner_dir, tuning.BEST_HYPERPARAMETERS_FILE)}"
           f" and {flagfile}.\nRetrain the best trial with:\n"
           f"  selfkd-train --flagfile={flagfile}")

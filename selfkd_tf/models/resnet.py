@@ -18,7 +18,7 @@ from selfkd_tf.models.primitives import conv_bn
 _STEM_CHANNELS = 64
 _STAGE_PLANES = (64, 128, 256, 512)
 _STAGE_STRIDES = (1, 2, 2, 2)
-_NUM_STAGES_CHOICES = (2, 3, 4)
+NUM_STAGES_CHOICES = (2, 3, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +227,9 @@ def _validate_arguments(
         raise ValueError(
             f"`num_classes` must be a positive integer, got {num_classes!r}."
         )
-    if num_stages not in _NUM_STAGES_CHOICES:
+    if num_stages not in NUM_STAGES_CHOICES:
         raise ValueError(
-            f"`num_stages` must be one of {_NUM_STAGES_CHOICES}, "
+            f"`num_stages` must be one of {NUM_STAGES_CHOICES}, "
             f"got {num_stages!r}."
         )
     if not width_multiplier > 0:
