@@ -148,6 +148,7 @@ class Measurement:
             "step_time_max_s": max(self.step_times_s),
             "images_per_s": batch_size / median,
             "timed_steps": len(self.step_times_s),
+            "step_times_s": self.step_times_s,
             "warmup_s": self.warmup_s,
             "peak_memory_mb": self.peak_memory_mb,
         }
