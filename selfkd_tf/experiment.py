@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -54,6 +55,7 @@ from selfkd_tf import distribute as distribute_lib
 from selfkd_tf import losses
 from selfkd_tf import metrics as metrics_lib
 from selfkd_tf.export import count_parameters
+from selfkd_tf.files import write_atomically
 from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
 from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
 from selfkd_tf.training import LR_SCHEDULES, SelfKDModel, make_optimizer
@@ -580,16 +582,6 @@ def _read_settings(run_dir: str) -> TrainSettings | None:
         raise SettingsError("model_dir", f"unreadable {path}: {err}") from err
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers never see half a file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:
     """Raises `SettingsError` when ``settings`` would change the run's result."""
     old, new = previous.to_json(), settings.to_json()
@@ -634,10 +626,9 @@ def _truncate_history(path: str, first_epoch: int) -> None:
     if not kept:
         os.remove(path)
         return
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([rows[0], *kept])
-    os.replace(temporary, path)
+    text = io.StringIO()
+    csv.writer(text).writerows([rows[0], *kept])
+    write_atomically(path, text.getvalue())
 
 
 def _save_model(model: SelfKDModel, path: str) -> None:

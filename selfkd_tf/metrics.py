@@ -26,12 +26,13 @@ file of a run directory.
 
 import json
 import os
-import tempfile
 from typing import Any, NamedTuple, Sequence
 
 import keras
 import numpy as np
 from keras import ops
+
+from selfkd_tf.files import write_atomically
 
 METRIC_KEYS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
 """Keys of the dict returned by `classification_metrics`, in table order."""
@@ -506,25 +507,7 @@ def write_metrics_json(record: dict[str, Any], path: str | os.PathLike) -> None:
     Parent directories are created. NaN or infinite values raise a
     `ValueError` rather than producing invalid JSON.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix=".metrics-", suffix=".json.tmp"
-    )
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file owner-only; make it readable like any
-        # other output file.
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    write_atomically(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ from selfkd_tf import callbacks as callbacks_lib
 from selfkd_tf import data as data_lib
 from selfkd_tf import distribute
 from selfkd_tf import experiment
+from selfkd_tf import files
 from selfkd_tf.experiment import SettingsError, TrainSettings
 from selfkd_tf.training import SelfKDModel
 
@@ -542,7 +543,7 @@ def tune(
     if settings.overwrite and os.path.exists(best_path):
         os.remove(best_path)
     os.makedirs(tuner_dir, exist_ok=True)
-    experiment.write_atomically(search_path, json.dumps(record, indent=2) + "\n")
+    files.write_atomically(search_path, json.dumps(record, indent=2) + "\n")
 
     tuner = make_tuner(hypermodel, tuner_dir, strategy, overwrite=settings.overwrite)
     if verbose:
@@ -562,7 +563,7 @@ def tune(
         retrain=retrain_settings(settings, trials[0], tuner_dir) if trials else None,
     )
     if trials:
-        experiment.write_atomically(
+        files.write_atomically(
             best_path,
             json.dumps(best_hyperparameters_record(result), indent=2) + "\n")
     return result

@@ -40,6 +40,7 @@ from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags
 
 from selfkd_tf import experiment
+from selfkd_tf import files
 from selfkd_tf import tuning
 from selfkd_tf.cli import flags as train_flags
 
@@ -187,7 +188,7 @@ def main(argv: list[str]) -> int:
         "evaluates it on the test split:\n"
         f"  selfkd-train --flagfile={flagfile}"
     )
-    experiment.write_atomically(flagfile, flagfile_text(result.retrain, comment))
+    files.write_atomically(flagfile, flagfile_text(result.retrain, comment))
     print(f"\nWrote {os.path.join(result.tuner_dir, tuning.BEST_HYPERPARAMETERS_FILE)}"
           f" and {flagfile}.\nRetrain the best trial with:\n"
           f"  selfkd-train --flagfile={flagfile}")
