@@ -118,9 +118,11 @@ class Run:
     def train_times(self) -> tuple[float | None, float | None]:
         """`(total seconds, seconds per epoch)` of training, `None` if unknown.
 
-        `metrics.json` is authoritative; a missing value falls back to the
-        sum / mean of the `epoch_time_s` column of `history.csv`, which omits
-        the time spent outside epochs.
+        The total comes from `metrics.json` (it includes the time spent
+        outside epochs, e.g. the final evaluation), else from the sum of the
+        `epoch_time_s` column of `history.csv`. The time per epoch is the
+        median of that column, so one epoch slowed by other work on a shared
+        machine does not shift it, else the mean from `metrics.json`.
         """
         total = _as_float(self.metrics.get("train_time_s"))
         per_epoch = _as_float(self.metrics.get("train_time_per_epoch_s"))
@@ -128,7 +130,7 @@ class Run:
         epoch_times = epoch_times[np.isfinite(epoch_times)]
         if epoch_times.size:
             total = float(epoch_times.sum()) if total is None else total
-            per_epoch = float(epoch_times.mean()) if per_epoch is None else per_epoch
+            per_epoch = float(np.median(epoch_times))
         return total, per_epoch
 
 

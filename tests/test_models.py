@@ -4,10 +4,12 @@ import re
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from selfkd_tf.models import ARCHITECTURES
 from selfkd_tf.models import EXIT_HEADS
 from selfkd_tf.models import build_multi_exit_resnet
+from selfkd_tf.models.primitives import PatchConv2D
 
 TINY = 0.0625
 EXPANSION = {
@@ -263,3 +265,46 @@ def test_invalid_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern) as error:
         build_multi_exit_resnet(**arguments)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("size,height,use_bias", [(2, 16, True), (4, 16, False), (8, 19, True)])
+def test_patch_conv_equals_strided_conv_and_its_gradients(size, height, use_bias):
+    # The same weights in a plain valid stride-k Conv2D must give the same
+    # outputs and gradients; 19 rows leave an incomplete patch to drop.
+    rng = np.random.default_rng(size)
+    x = tf.constant(rng.standard_normal((3, height, height + 5, 6)), "float32")
+    patch = PatchConv2D(5, size, use_bias=use_bias, bias_initializer="random_normal")
+    plain = keras.layers.Conv2D(5, size, strides=size, padding="valid", use_bias=use_bias)
+    patch.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights(patch.get_weights())
+    assert [w.shape for w in patch.weights] == [w.shape for w in plain.weights]
+    upstream = tf.constant(
+        rng.standard_normal(plain.compute_output_shape(x.shape)), "float32")
+    results = []
+    for layer in (patch, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * upstream)
+        results.append((y, *tape.gradient(loss, [x, *layer.trainable_weights])))
+    for ours, reference in zip(*results):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_conv_rejects_other_strides_and_round_trips():
+    with pytest.raises(ValueError, match="strides == kernel_size"):
+        PatchConv2D(4, 3, strides=1)
+    layer = PatchConv2D(4, 2, name="p")
+    restored = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert isinstance(restored, PatchConv2D)
+    assert (restored.kernel_size, restored.strides) == ((2, 2), (2, 2))
+
+
+def test_bottleneck_heads_use_patch_convolutions():
+    model = build_multi_exit_resnet("resnet18", num_classes=10, input_shape=(32, 32, 3),
+                                    exit_head="bottleneck", width_multiplier=TINY)
+    patch = {layer.name: layer.kernel_size for layer in layers_of_type(model, PatchConv2D)}
+    # Exits 1-3 downsample by 8, 4 and 2 in one step; nothing else is patchwise.
+    assert patch == {"exit1_head_conv2": (8, 8), "exit2_head_conv2": (4, 4),
+                     "exit3_head_conv2": (2, 2)}

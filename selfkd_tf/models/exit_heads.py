@@ -90,7 +90,8 @@ def bottleneck_exit_head(
     """
     channels = stage_channels[-1]
     hidden = max(1, channels // 4)
-    # Kernel and stride k collapse the remaining downsampling in one step.
+    # Kernel and stride k collapse the remaining downsampling in one step;
+    # `conv2d` computes such a convolution as a patch projection.
     k = 2 ** (len(stage_channels) - stage)
     for index, (filters, size) in enumerate(
         ((hidden, 1), (hidden, k), (channels, 1)), start=1

@@ -6,6 +6,7 @@ reference implementations of PS-KD, BYOT and torchvision ResNet.
 """
 
 import keras
+import tensorflow as tf
 
 # PyTorch's `BatchNorm2d(momentum=0.1, eps=1e-5)`: PyTorch weighs the new batch
 # statistic by `momentum`, Keras weighs the running average by it.
@@ -45,6 +46,69 @@ def batch_norm(sync_batchnorm: bool, name: str) -> keras.layers.Layer:
     )
 
 
+@keras.saving.register_keras_serializable(package="selfkd_tf")
+class PatchConv2D(keras.layers.Conv2D):
+    """A `Conv2D` whose kernel size equals its stride, as a patch projection.
+
+    A `k x k` convolution with stride `k` and no padding sees every input
+    pixel exactly once, so it equals rearranging each `k x k` patch into the
+    channels (`space_to_depth`) and applying a `1 x 1` convolution, i.e. one
+    matrix product. The result and the weights (kernel of shape
+    `(k, k, channels, filters)`, same variable names) are those of the plain
+    `Conv2D`, but the gradient is far cheaper under XLA, whose strided
+    convolution gradient is slow on CPU.
+
+    Rows and columns beyond the last whole patch are dropped, as by the
+    `"valid"` convolution.
+
+    Example:
+
+    >>> layer = PatchConv2D(16, 4)
+    >>> layer(np.zeros((2, 32, 32, 8), "float32")).shape
+    (2, 8, 8, 16)
+
+    Args:
+        filters: Number of output channels.
+        kernel_size: Square kernel size `k`, also the stride.
+        **kwargs: Further `keras.layers.Conv2D` arguments; `strides` and
+            `padding`, if given, must be `k` and `"valid"`.
+
+    Input shape: `(batch, height, width, channels)`, channels last.
+    Output shape: `(batch, height // k, width // k, filters)`.
+    """
+
+    def __init__(self, filters: int, kernel_size: int, **kwargs):
+        kwargs.setdefault("strides", kernel_size)
+        kwargs.setdefault("padding", "valid")
+        super().__init__(filters, kernel_size, **kwargs)
+        if (
+            self.strides != self.kernel_size
+            or self.padding != "valid"
+            or self.groups != 1
+        ):
+            raise ValueError(
+                "PatchConv2D needs strides == kernel_size, padding='valid' "
+                f"and groups=1; got kernel_size={self.kernel_size}, "
+                f"strides={self.strides}, padding={self.padding!r}, "
+                f"groups={self.groups}"
+            )
+
+    def call(self, inputs):
+        size = self.kernel_size[0]
+        height = inputs.shape[1] // size * size
+        width = inputs.shape[2] // size * size
+        patches = tf.nn.space_to_depth(inputs[:, :height, :width, :], size)
+        # space_to_depth orders a patch's values as (row, column, channel),
+        # the row-major order of the kernel's first three axes.
+        kernel = tf.reshape(self.kernel, (-1, self.filters))
+        outputs = tf.einsum("bhwi,io->bhwo", patches, kernel)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
 def _pad_for_stride(x, kernel_size: int, strides: int, name: str):
     """Returns `(x, padding)` reproducing PyTorch's `padding=kernel_size // 2`.
 
@@ -71,6 +135,9 @@ def conv2d(
 ):
     """2D convolution with PyTorch padding semantics.
 
+    A `"valid"` convolution whose kernel size equals its stride is built as a
+    `PatchConv2D`, which computes the same function with the same weights.
+
     Args:
         x: Input tensor of shape `(batch, height, width, channels)`.
         filters: Number of output channels.
@@ -89,7 +156,9 @@ def conv2d(
     """
     if padding == "same":
         x, padding = _pad_for_stride(x, kernel_size, strides, name)
-    return keras.layers.Conv2D(
+    patchwise = kernel_size == strides > 1 and padding == "valid" and groups == 1
+    layer = PatchConv2D if patchwise else keras.layers.Conv2D
+    return layer(
         filters,
         kernel_size,
         strides=strides,

@@ -1,0 +1,72 @@
+"""tools/study.py: the run plan, and a real two-run study with parallel runs."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from cli_support import CONFIGS
+from cli_support import REPO
+from cli_support import environment
+from cli_support import last_line
+from cli_support import write_npz
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study", REPO / "tools" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_study(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "study.py"), *args], cwd=REPO,
+        env=environment(), capture_output=True, text=True, timeout=600,
+        stdin=subprocess.DEVNULL)
+
+
+def test_plan_puts_the_main_comparison_first_and_extra_seeds_last():
+    runs = load_study().planned_runs(seed=3, extra_seeds=1)
+    assert [name for name, _, _ in runs] == [
+        "baseline_seed3", "pskd_byot_dmfl_seed3", "byot_seed3", "dmfl_seed3",
+        "pskd_seed3", "pskd_byot_seed3", "pskd_dmfl_seed3", "byot_dmfl_seed3",
+        "baseline_seed4", "pskd_byot_dmfl_seed4",
+    ]
+    assert {methods for _, methods, _ in runs} == {
+        "", "byot", "dmfl", "pskd", "pskd,byot", "pskd,dmfl", "byot,dmfl",
+        "pskd,byot,dmfl"}
+    assert [seed for _, _, seed in runs] == [3] * 8 + [4, 4]
+
+
+def test_two_parallel_runs_then_report_and_skip_on_rerun(tmp_path):
+    dataset = write_npz(tmp_path / "tiny.npz")
+    out = tmp_path / "study"
+    args = [f"--run_flagfile={CONFIGS / 'smoke.flags'}", f"--dataset={dataset}",
+            f"--out={out}", "--only=baseline,pskd_byot_dmfl", "--extra_seeds=0",
+            "--parallel=2"]
+    result = run_study(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, methods in (("baseline_seed0", []), ("pskd_byot_dmfl_seed0", ["pskd", "byot", "dmfl"])):
+        run = out / name
+        assert json.loads((run / "flags.json").read_text())["methods"] == methods
+        assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+        assert "Epoch 2/2" in (run / "train.log").read_text()
+    table = (out / "report" / "table1.md").read_text()
+    assert "Baseline" in table and "+PS-KD+BYOT+DMFL" in table
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+
+    rerun = run_study(*args)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert rerun.stdout.count("done, skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
+
+
+def test_a_failed_run_fails_the_study_with_one_line(tmp_path):
+    result = run_study(f"--run_flagfile={CONFIGS / 'smoke.flags'}",
+                       f"--dataset=npz:{tmp_path / 'missing.npz'}", f"--out={tmp_path}",
+                       "--only=baseline", "--extra_seeds=0")
+    assert result.returncode != 0
+    assert last_line(result.stderr) == "study: runs failed: baseline_seed0"
+    assert not (tmp_path / "report").exists()
+    assert "missing.npz" in (tmp_path / "baseline_seed0" / "train.log").read_text()
