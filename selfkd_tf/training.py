@@ -24,6 +24,10 @@ import keras
 import tensorflow as tf
 
 from selfkd_tf import losses
+# Imported for its side effect: a saved SelfKDModel's backbone uses layer
+# classes registered there, so loading one must not depend on the caller
+# having imported the models package.
+from selfkd_tf import models  # noqa: F401
 from selfkd_tf.callbacks import SoftTargetRefresh
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")

@@ -1,6 +1,8 @@
 """SelfKDModel: the PS-KD table's semantics, the optimiser, and end-to-end fits."""
 
 import itertools
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -10,6 +12,7 @@ import tensorflow as tf
 from selfkd_tf import losses
 from selfkd_tf.callbacks import SoftTargetRefresh
 from selfkd_tf.models import build_multi_exit_resnet
+from selfkd_tf.models.primitives import PatchConv2D
 from selfkd_tf.training import SelfKDModel, learning_rate_schedule, make_optimizer
 from synthetic import indexed_dataset, learnable_arrays
 
@@ -141,6 +144,16 @@ def test_state_round_trips_through_keras_file(tmp_path):
     )
     # The optimiser state (momentum) comes back too.
     assert int(restored.optimizer.iterations.numpy()) == 4
+    # A fresh process that imports only the training module loads it as well:
+    # the backbone's own layer classes (the heads' PatchConv2D) come with it.
+    assert any(isinstance(layer, PatchConv2D) for layer in model.backbone.layers)
+    code = ("import keras, selfkd_tf.training; "
+            f"model = keras.saving.load_model({str(path)!r}); "
+            "print(int(model.optimizer.iterations.numpy()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["4"]
 
 
 def test_weight_decay_is_coupled_l2_in_the_gradient():

@@ -81,7 +81,9 @@ def _train(name: str, methods: str, seed: int, threads: int) -> None:
     ]
     if _DATASET.value:
         command.append(f"--dataset={_DATASET.value}")
-    print(" ".join(command), flush=True)
+    # One write per line: runs in parallel threads must not interleave.
+    sys.stdout.write(" ".join(command) + "\n")
+    sys.stdout.flush()
     os.makedirs(run_dir, exist_ok=True)
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
                TF_NUM_INTEROP_THREADS=str(threads))
@@ -89,7 +91,8 @@ def _train(name: str, methods: str, seed: int, threads: int) -> None:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, check=False)
     status = "finished" if result.returncode == 0 else f"FAILED ({result.returncode})"
-    print(f"{name}: {status}, log in {run_dir}/train.log", flush=True)
+    sys.stdout.write(f"{name}: {status}, log in {run_dir}/train.log\n")
+    sys.stdout.flush()
     if result.returncode:
         raise RuntimeError(f"{name} failed")
 
