@@ -445,6 +445,12 @@ def _new_figure(size: tuple[float, float]) -> Figure:
     return figure
 
 
+def _run_title(run: Run) -> str:
+    # The run name on a line of its own: with the model and the method on
+    # one line, long method labels ran off a single-column figure.
+    return f"{run.name}\n{run.model} {run.method}"
+
+
 def plot_figure2(runs: Sequence[Run], path: str) -> None:
     """Top-1 error of the deepest exit against training time per epoch.
 
@@ -499,8 +505,8 @@ def plot_reliability(run: Run, path: str) -> None:
     axes.plot([0, 1], [0, 1], "--", color="gray", label="Perfect calibration")
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence (max probability)",
              ylabel="Accuracy")
-    axes.set_title(f"{run.name}: {run.model} {run.method}\n"
-                   f"deepest exit, ECE = {run.deepest['ece']:.2f}%", fontsize=10)
+    axes.set_title(f"{_run_title(run)}\ndeepest exit, ECE = {run.deepest['ece']:.2f}%",
+                   fontsize=10)
     axes.legend(loc="upper left", fontsize=8)
     figure.savefig(path, dpi=120)
 
@@ -557,8 +563,8 @@ def plot_curves(run: Run, path: str) -> bool:
                       label=f"{label} (train)")
     axes.set_xlabel("Epoch")
     axes.set_ylabel("Accuracy (%)")
-    axes.set_title(f"{run.name}: {run.model} {run.method}\n"
-                   "solid: validation, dashed: training", fontsize=10)
+    axes.set_title(f"{_run_title(run)}\nsolid: validation, dashed: training",
+                   fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
     figure.savefig(path, dpi=120)
