@@ -1,7 +1,7 @@
 """tools/study.py: the run plan, and a real two-run study with parallel runs."""
 
-import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -12,13 +12,6 @@ from cli_support import last_line
 from cli_support import write_npz
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location("study", REPO / "tools" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_study(*args):
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / "study.py"), *args], cwd=REPO,
@@ -26,17 +19,28 @@ def run_study(*args):
         stdin=subprocess.DEVNULL)
 
 
-def test_plan_puts_the_main_comparison_first_and_extra_seeds_last():
-    runs = load_study().planned_runs(seed=3, extra_seeds=1)
-    assert [name for name, _, _ in runs] == [
+def test_plan_puts_the_main_comparison_first_and_extra_seeds_last(tmp_path):
+    (tmp_path / "pskd_seed3").mkdir()
+    (tmp_path / "pskd_seed3" / "metrics.json").write_text("{}")
+    result = run_study("--dry_run", "--seed=3", "--extra_seeds=1", f"--out={tmp_path}",
+                       "--dataset=npz:/data/x.npz")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "pskd_seed3: done, skipped"
+    plan = dict(line.split(": ", 1) for line in lines[1:])
+    assert list(plan) == [
         "baseline_seed3", "pskd_byot_dmfl_seed3", "byot_seed3", "dmfl_seed3",
-        "pskd_seed3", "pskd_byot_seed3", "pskd_dmfl_seed3", "byot_dmfl_seed3",
+        "pskd_byot_seed3", "pskd_dmfl_seed3", "byot_dmfl_seed3",
         "baseline_seed4", "pskd_byot_dmfl_seed4",
     ]
-    assert {methods for _, methods, _ in runs} == {
-        "", "byot", "dmfl", "pskd", "pskd,byot", "pskd,dmfl", "byot,dmfl",
-        "pskd,byot,dmfl"}
-    assert [seed for _, _, seed in runs] == [3] * 8 + [4, 4]
+    methods = {name: re.search(r"--methods=(\S*)", command).group(1)
+               for name, command in plan.items()}
+    assert methods["baseline_seed4"] == "" and methods["byot_dmfl_seed3"] == "byot,dmfl"
+    assert methods["pskd_byot_dmfl_seed4"] == "pskd,byot,dmfl"
+    assert "--seed=4" in plan["baseline_seed4"] and "--seed=3" in plan["dmfl_seed3"]
+    assert f"--model_dir={tmp_path / 'dmfl_seed3'}" in plan["dmfl_seed3"]
+    assert all("--dataset=npz:/data/x.npz" in command for command in plan.values())
+    assert not (tmp_path / "baseline_seed3").exists()
 
 
 def test_two_parallel_runs_then_report_and_skip_on_rerun(tmp_path):

@@ -14,7 +14,8 @@ With ``--parallel=N`` the script trains N runs at once and gives each
 process an equal share of the CPU cores (``TF_NUM_INTRAOP_THREADS``): small
 networks use one core poorly, so on a CPU two single-threaded runs finish
 sooner than two runs one after the other. Each run's output goes to
-``train.log`` in its directory.
+``train.log`` in its directory. ``--dry_run`` lists the runs still to train
+with their commands.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ _EXTRA_SEEDS = flags.DEFINE_integer(
     "Further seeds (seed+1, ...) for the baseline and the full method, to show "
     "the run-to-run spread.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (labels below).")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the runs still to train, with their commands, "
+    "and stop.")
 _PARALLEL = flags.DEFINE_integer(
     "parallel", 1, "Runs trained at once, sharing the CPU cores equally.",
     lower_bound=1)
@@ -72,15 +76,20 @@ def planned_runs(seed: int, extra_seeds: int) -> list[tuple[str, str, int]]:
     return runs
 
 
-def _train(name: str, methods: str, seed: int, threads: int) -> None:
-    run_dir = os.path.join(_OUT.value, name)
+def _train_command(name: str, methods: str, seed: int) -> list[str]:
     command = [
         sys.executable, "-m", "selfkd_tf.cli.train",
         f"--flagfile={_FLAGFILE.value}", f"--methods={methods}",
-        f"--seed={seed}", f"--model_dir={run_dir}",
+        f"--seed={seed}", f"--model_dir={os.path.join(_OUT.value, name)}",
     ]
     if _DATASET.value:
         command.append(f"--dataset={_DATASET.value}")
+    return command
+
+
+def _train(name: str, methods: str, seed: int, threads: int) -> None:
+    run_dir = os.path.join(_OUT.value, name)
+    command = _train_command(name, methods, seed)
     # One write per line: runs in parallel threads must not interleave.
     sys.stdout.write(" ".join(command) + "\n")
     sys.stdout.flush()
@@ -107,6 +116,10 @@ def main(argv):
             print(f"{name}: done, skipped")
             continue
         pending.append((name, methods, seed))
+    if _DRY_RUN.value:
+        for run in pending:
+            print(f"{run[0]}: " + " ".join(_train_command(*run)))
+        return
     threads = max(1, (os.cpu_count() or 1) // _PARALLEL.value)
     with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
         futures = [pool.submit(_train, *run, threads) for run in pending]
