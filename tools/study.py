@@ -76,11 +76,15 @@ def planned_runs(seed: int, extra_seeds: int) -> list[tuple[str, str, int]]:
     return runs
 
 
+def _run_dir(name: str) -> str:
+    return os.path.join(_OUT.value, name)
+
+
 def _train_command(name: str, methods: str, seed: int) -> list[str]:
     command = [
         sys.executable, "-m", "selfkd_tf.cli.train",
         f"--flagfile={_FLAGFILE.value}", f"--methods={methods}",
-        f"--seed={seed}", f"--model_dir={os.path.join(_OUT.value, name)}",
+        f"--seed={seed}", f"--model_dir={_run_dir(name)}",
     ]
     if _DATASET.value:
         command.append(f"--dataset={_DATASET.value}")
@@ -88,7 +92,7 @@ def _train_command(name: str, methods: str, seed: int) -> list[str]:
 
 
 def _train(name: str, methods: str, seed: int, threads: int) -> None:
-    run_dir = os.path.join(_OUT.value, name)
+    run_dir = _run_dir(name)
     command = _train_command(name, methods, seed)
     # One write per line: runs in parallel threads must not interleave.
     sys.stdout.write(" ".join(command) + "\n")
@@ -112,13 +116,13 @@ def main(argv):
     for name, methods, seed in planned_runs(_SEED.value, _EXTRA_SEEDS.value):
         if _ONLY.value and name.rsplit("_seed", 1)[0] not in _ONLY.value:
             continue
-        if os.path.exists(os.path.join(_OUT.value, name, "metrics.json")):
+        if os.path.exists(os.path.join(_run_dir(name), "metrics.json")):
             print(f"{name}: done, skipped")
             continue
         pending.append((name, methods, seed))
     if _DRY_RUN.value:
-        for run in pending:
-            print(f"{run[0]}: " + " ".join(_train_command(*run)))
+        for name, methods, seed in pending:
+            print(f"{name}: " + " ".join(_train_command(name, methods, seed)))
         return
     threads = max(1, (os.cpu_count() or 1) // _PARALLEL.value)
     with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
