@@ -134,7 +134,7 @@ class DatasetInfo:
         num_classes: number of classes.
         num_train: examples in the training split actually used.
         num_eval: examples in the evaluation split returned.
-        eval_split: `"test"` or `"validation"`.
+        eval_split: `"test"`, `"validation"` or `"train"`.
         image_shape: `(H, W, C)` of the images fed to the model.
         mean: per-channel mean in [0, 1] pixel units used for normalization.
         std: per-channel standard deviation in [0, 1] pixel units.
@@ -231,9 +231,11 @@ def make_datasets(
     train_examples: int | None = None,
     eval_examples: int | None = None,
     seed: int = 0,
+    subset_seed: int | None = None,
     epochs: int | None = None,
     initial_epoch: int = 0,
     image_size: int | tuple[int, int] | None = None,
+    eval_split: str | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DatasetInfo]:
     """Builds the training and evaluation pipelines of a dataset.
 
@@ -248,15 +250,25 @@ def make_datasets(
         normalization: `"dataset"` (published CIFAR statistics, otherwise the
             statistics of the training split actually used) or `"imagenet"`.
         validation_fraction: in `[0, 1)`. When positive, a stratified split of
-            this fraction of the training set, chosen by `seed`, is held out
-            and returned as the evaluation split instead of the test split.
+            this fraction of the training set, chosen by `subset_seed`, is
+            held out and returned as the evaluation split instead of the test
+            split.
         train_examples: optional cap on the training split, a stratified
-            subset chosen by `seed` (for smoke runs).
+            subset chosen by `subset_seed` (small-data studies, smoke runs).
         eval_examples: optional cap on the evaluation split, likewise.
-        seed: non-negative seed of the split, the order and the augmentation.
+        seed: non-negative seed of the order and the augmentation.
+        subset_seed: non-negative seed of the validation split and of the
+            `train_examples`/`eval_examples` subsets; default `seed`. Fix it
+            to train several seeds on one and the same subset.
         epochs: total number of epochs, or None; see the module docstring.
         initial_epoch: first epoch the training dataset yields.
         image_size: optional `H` or `(H, W)` every image is resized to.
+        eval_split: what the evaluation dataset holds: `"test"`,
+            `"validation"` (needs `validation_fraction > 0`) or `"train"`
+            (the training split actually used, unaugmented, to measure how
+            well a model fits it); default `"validation"` when
+            `validation_fraction > 0`, else `"test"`. `eval_examples` caps
+            it in every case.
 
     Returns:
         `(train, eval, info)`: two `tf.data.Dataset`s with elements
@@ -278,6 +290,9 @@ def make_datasets(
     _check_choice(normalization, "normalization", _NORMALIZATIONS)
     _check_int(batch_size, "batch_size", minimum=1)
     _check_int(seed, "seed", minimum=0)
+    if subset_seed is None:
+        subset_seed = seed
+    _check_int(subset_seed, "subset_seed", minimum=0)
     _check_int(initial_epoch, "initial_epoch", minimum=0)
     if epochs is not None:
         _check_int(epochs, "epochs", minimum=initial_epoch + 1)
@@ -297,11 +312,19 @@ def make_datasets(
             f"got {validation_fraction!r}"
         )
 
+    default_split = "validation" if validation_fraction > 0 else "test"
+    eval_split = eval_split or default_split
+    _check_choice(eval_split, "eval_split", (default_split, "train"))
     kind, path = _parse_dataset(dataset)
     arrays = load_arrays(dataset, data_dir, image_size=image_size)
-    x_train, y_train, x_eval, y_eval, eval_split = _select_splits(
-        arrays, validation_fraction, train_examples, eval_examples, seed
+    x_train, y_train, x_eval, y_eval = _select_splits(
+        arrays, validation_fraction, train_examples, subset_seed
     )
+    if eval_split == "train":
+        x_eval, y_eval = x_train, y_train
+    if eval_examples is not None and eval_examples < len(y_eval):
+        kept = _stratified_sample(y_eval, eval_examples, subset_seed, _EVAL_CAP_STREAM)
+        x_eval, y_eval = x_eval[kept], y_eval[kept]
     channels = x_train.shape[-1]
     if normalization == "imagenet":
         if channels != 3:
@@ -529,14 +552,14 @@ def _select_splits(
     arrays: ImageArrays,
     validation_fraction: float,
     train_examples: int | None,
-    eval_examples: int | None,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """Carves the validation split and applies the caps.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Carves the validation split and applies the training cap.
 
     Returns:
-        `(x_train, y_train, x_eval, y_eval, eval_split)`. Kept examples stay in
-        their original relative order, which defines their index.
+        `(x_train, y_train, x_eval, y_eval)`, the evaluation split being the
+        validation split or the test split. Kept examples stay in their
+        original relative order, which defines their index.
     """
     x_train, y_train = arrays.x_train, arrays.y_train
     if validation_fraction > 0:
@@ -555,18 +578,14 @@ def _select_splits(
         kept = np.setdiff1d(np.arange(len(y_train)), held_out)
         x_eval, y_eval = x_train[held_out], y_train[held_out]
         x_train, y_train = x_train[kept], y_train[kept]
-        eval_split = "validation"
     else:
-        x_eval, y_eval, eval_split = arrays.x_test, arrays.y_test, "test"
+        x_eval, y_eval = arrays.x_test, arrays.y_test
     if train_examples is not None and train_examples < len(y_train):
         kept = _stratified_sample(
             y_train, train_examples, seed, _TRAIN_CAP_STREAM
         )
         x_train, y_train = x_train[kept], y_train[kept]
-    if eval_examples is not None and eval_examples < len(y_eval):
-        kept = _stratified_sample(y_eval, eval_examples, seed, _EVAL_CAP_STREAM)
-        x_eval, y_eval = x_eval[kept], y_eval[kept]
-    return x_train, y_train, x_eval, y_eval, eval_split
+    return x_train, y_train, x_eval, y_eval
 
 
 def _stratified_sample(

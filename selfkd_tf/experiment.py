@@ -72,7 +72,7 @@ RUN_FILES = (FLAGS_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
 
 RESUME_SAFE_FIELDS = frozenset({
     "data_dir", "model_dir", "overwrite", "save_every_steps", "distribute",
-    "jit_compile", "deterministic",
+    "jit_compile", "deterministic", "eval_every",
 })
 """Settings a resumed run may change: where things are and how fast they
 run, not what is computed. Any other difference refuses to resume."""
@@ -129,6 +129,10 @@ class TrainSettings:
         None, "Use a stratified subset of this many training examples.")
     eval_examples: int | None = _setting(
         None, "Use a stratified subset of this many evaluation examples.")
+    subset_seed: int | None = _setting(
+        None, "Seed of the validation split and of the train_examples/"
+        "eval_examples subsets; default: --seed. Fix it to compare seeds on "
+        "one subset.")
     validation_fraction: float = _setting(
         0.0, "Hold out this fraction of the training set and evaluate on it "
         "instead of the test split.")
@@ -184,6 +188,9 @@ class TrainSettings:
     model_dir: str | None = _setting(
         None, "Run directory; default: runs/<dataset>_<arch>_<methods>. "
         "An existing run is resumed.")
+    eval_every: int = _setting(
+        1, "Evaluate on the evaluation split after the first epoch, every "
+        "this many epochs and after the last.")
     save_every_steps: int = _setting(
         0, "Also checkpoint every this many steps (0: only at epoch ends).")
     overwrite: bool = _setting(
@@ -236,6 +243,9 @@ class TrainSettings:
         _check_choice("distribute", self.distribute, distribute_lib.STRATEGIES)
         _check_choice("mixed_precision", self.mixed_precision, distribute_lib.PRECISIONS)
         _check_choice("table_dtype", self.table_dtype, TABLE_DTYPES)
+        if self.subset_seed is not None:
+            _check_at_least("subset_seed", self.subset_seed, 0)
+        _check_at_least("eval_every", self.eval_every, 1)
         _check_at_least("save_every_steps", self.save_every_steps, 0)
 
     def default_model_dir(self) -> str:
@@ -305,13 +315,14 @@ def _as_settings_error():
 
 
 def build_datasets(
-    settings: TrainSettings, initial_epoch: int = 0
+    settings: TrainSettings, initial_epoch: int = 0, eval_split: str | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, data_lib.DatasetInfo]:
     """The training and evaluation datasets of a run.
 
     The training dataset holds epochs ``initial_epoch .. epochs - 1`` back to
     back, `info.steps_per_epoch` batches each, so `fit` needs
-    ``steps_per_epoch=info.steps_per_epoch``.
+    ``steps_per_epoch=info.steps_per_epoch``. ``eval_split`` is as in
+    `selfkd_tf.data.make_datasets`.
 
     Raises:
         SettingsError: the data cannot be read or a data setting is invalid.
@@ -324,8 +335,9 @@ def build_datasets(
             validation_fraction=settings.validation_fraction,
             train_examples=settings.train_examples,
             eval_examples=settings.eval_examples, seed=settings.seed,
+            subset_seed=settings.subset_seed,
             epochs=settings.epochs, initial_epoch=initial_epoch,
-            image_size=settings.image_size,
+            image_size=settings.image_size, eval_split=eval_split,
         )
 
 
@@ -487,11 +499,12 @@ def load_trained_model(path: str) -> TrainedModel:
     return TrainedModel(model, model_path, settings, run_dir)
 
 
-EVAL_SPLITS = ("test", "validation")
+EVAL_SPLITS = ("test", "validation", "train")
 
 
-def _eval_settings(trained: TrainedModel, dataset, data_dir, split, batch_size) -> TrainSettings:
-    """The run's settings with the evaluation's data choices applied."""
+def _eval_settings(trained: TrainedModel, dataset, data_dir, split, batch_size,
+                   eval_examples) -> tuple[TrainSettings, str]:
+    """The run's settings with the evaluation's data choices applied, and the split."""
     settings = trained.settings
     if settings is None:
         if not dataset:
@@ -504,12 +517,16 @@ def _eval_settings(trained: TrainedModel, dataset, data_dir, split, batch_size) 
         raise SettingsError(
             "split", f"got 'validation', but the run held out none "
             "(validation_fraction 0); allowed: test")
+    # The training split is the one the run trained on, so the run's
+    # validation carve-out (if any) is kept for it.
+    keep_validation = split in ("validation", "train")
     return dataclasses.replace(
         settings, dataset=dataset or settings.dataset,
         data_dir=data_dir or settings.data_dir,
         batch_size=batch_size or settings.batch_size,
-        validation_fraction=settings.validation_fraction if split == "validation" else 0.0,
-    )
+        eval_examples=eval_examples,
+        validation_fraction=settings.validation_fraction if keep_validation else 0.0,
+    ), split
 
 
 def _renormalized(dataset: tf.data.Dataset, info, model: SelfKDModel) -> tf.data.Dataset:
@@ -533,6 +550,7 @@ def evaluate_trained(
     data_dir: str | None = None,
     split: str | None = None,
     batch_size: int | None = None,
+    eval_examples: int | None = None,
 ) -> dict:
     """Evaluates a loaded model; returns its ``metrics.json`` record.
 
@@ -540,9 +558,13 @@ def evaluate_trained(
         trained: from `load_trained_model`.
         dataset, data_dir, batch_size: override the run's settings; a model
             outside a run directory needs ``dataset``.
-        split: ``"test"`` or ``"validation"`` (the part of the training set
-            the run held out with ``validation_fraction``); default: the
+        split: ``"test"``, ``"validation"`` (the part of the training set
+            the run held out with ``validation_fraction``) or ``"train"``
+            (the training examples the run used, unaugmented); default: the
             run's evaluation split.
+        eval_examples: score a stratified subset of this many examples;
+            default: the whole split (whatever the run evaluated on while
+            training). The record's ``num_examples`` says how many were scored.
 
     The images are normalised as the model was trained, whatever data they
     come from.
@@ -551,8 +573,9 @@ def evaluate_trained(
         SettingsError: bad ``dataset``/``split``, or data the model cannot take.
     """
     model = trained.model
-    settings = _eval_settings(trained, dataset, data_dir, split, batch_size)
-    _, eval_ds, info = build_datasets(settings)
+    settings, split = _eval_settings(
+        trained, dataset, data_dir, split, batch_size, eval_examples)
+    _, eval_ds, info = build_datasets(settings, eval_split=split)
     expected = tuple(model.backbone.input.shape[1:])
     if info.image_shape != expected or info.num_classes != model.num_classes:
         raise SettingsError(
@@ -726,10 +749,25 @@ def _fit(model, settings, train_ds, eval_ds, steps, start, callbacks, saver) -> 
         model.fit(
             data, validation_data=eval_ds, initial_epoch=initial_epoch,
             epochs=settings.epochs, steps_per_epoch=steps_per_epoch,
+            validation_freq=evaluation_epochs(settings.epochs, settings.eval_every),
             callbacks=callbacks + extra, verbose=1, shuffle=False,
         )
         if saver.diverged_at is not None:
             return
+
+
+def evaluation_epochs(epochs: int, every: int) -> list[int]:
+    """1-based epochs after which `fit` evaluates: the first, every ``every``-th
+    and the last.
+
+    The first is included because `keras.callbacks.CSVLogger` fixes its
+    columns at the first epoch's end; without it the ``val_`` columns would
+    be missing from ``history.csv``.
+
+    >>> evaluation_epochs(10, 4)
+    [1, 4, 8, 10]
+    """
+    return sorted({1, epochs, *range(every, epochs + 1, every)})
 
 
 def _divergence_message(saver: checkpointing.CheckpointCallback, directory: str) -> str:

@@ -459,8 +459,8 @@ def build_metrics_record(
         num_bins: Number of ECE / reliability bins.
 
     Returns:
-        A JSON-serialisable dict with the keys `dataset, split, arch, methods,
-        num_exits, exits, ensemble, train_time_s, train_time_per_epoch_s,
+        A JSON-serialisable dict with the keys `dataset, split, num_examples,
+        arch, methods, num_exits, exits, ensemble, train_time_s, train_time_per_epoch_s,
         epochs, params, reliability`. `train_time_per_epoch_s` is
         `train_time_s / epochs` when both are known (and `epochs > 0`).
         `reliability` holds the `reliability_bins` of the deepest exit as
@@ -480,6 +480,7 @@ def build_metrics_record(
     return {
         "dataset": dataset,
         "split": split,
+        "num_examples": int(len(labels)),
         "arch": arch,
         "methods": _method_list(methods),
         "num_exits": len(exit_probs),

@@ -301,20 +301,24 @@ def _read_history(path: str) -> dict[str, np.ndarray]:
     }
 
 
-def load_run(path: str, name: str | None = None) -> Run:
+def load_run(path: str, name: str | None = None,
+             metrics_file: str = "metrics.json") -> Run:
     """Reads and validates one run directory.
 
     Args:
         path: The run directory.
         name: Name of the run; defaults to the directory's base name.
+        metrics_file: The run's scores to report: `metrics.json` (written
+            at the end of training) or another record of the same schema in
+            the run directory, e.g. `metrics_test.json` from `selfkd-eval`.
 
     Raises:
-        RunDataError: `metrics.json` is missing, is not valid JSON, or lacks
+        RunDataError: the metrics file is missing, is not valid JSON, or lacks
             what the report needs; `flags.json` is not valid JSON.
     """
-    metrics_path = os.path.join(path, "metrics.json")
+    metrics_path = os.path.join(path, metrics_file)
     if not os.path.isfile(metrics_path):
-        raise RunDataError(f"{path}: missing metrics.json")
+        raise RunDataError(f"{path}: missing {metrics_file}")
     metrics = _read_json(metrics_path)
     _check_metrics(metrics, metrics_path)
     flags_path = os.path.join(path, "flags.json")
@@ -328,8 +332,10 @@ def load_run(path: str, name: str | None = None) -> Run:
     )
 
 
-def load_runs(specs: Sequence[str]) -> list[Run]:
+def load_runs(specs: Sequence[str], metrics_file: str = "metrics.json") -> list[Run]:
     """Finds (see `find_run_dirs`), names and loads runs.
+
+    ``metrics_file`` is as in `load_run`.
 
     Each run is named by the shortest suffix of its path that no other run
     shares, e.g. `seed0`, or `resnet18_pskd/seed0` next to
@@ -340,7 +346,7 @@ def load_runs(specs: Sequence[str]) -> list[Run]:
             no run is returned then.
     """
     paths = find_run_dirs(specs)
-    return [load_run(p, n) for p, n in zip(paths, _run_names(paths))]
+    return [load_run(p, n, metrics_file) for p, n in zip(paths, _run_names(paths))]
 
 
 # ---------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from selfkd_tf.metrics import METRIC_KEYS
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A finished one-epoch run whose normalisation comes from a training subset."""
+    """A finished one-epoch run whose normalisation comes from a training subset,
+    evaluated while training on 16 of the 32 test images."""
     root = tmp_path_factory.mktemp("evaluate")
     settings = TrainSettings(
         dataset=write_npz(root / "data.npz", n_train=96, n_test=32),
-        train_examples=64, arch="resnet18", width_multiplier=0.0625, num_stages=2,
+        train_examples=64, eval_examples=16, arch="resnet18", width_multiplier=0.0625, num_stages=2,
         epochs=1, batch_size=32, lr=0.05, lr_schedule="constant",
         model_dir=str(root / "run"))
     experiment.train(settings)
@@ -52,11 +53,25 @@ def test_lone_model_is_evaluated_with_its_own_normalisation(run_dir, tmp_path):
         experiment.evaluate_trained(lone)
     # All 96 training images give other statistics than the run's 64; the
     # images are mapped onto the model's normalisation all the same.
-    record = experiment.evaluate_trained(lone, dataset=metrics["dataset"])
+    record = experiment.evaluate_trained(lone, dataset=metrics["dataset"],
+                                         eval_examples=16)
     assert _scores(record) == pytest.approx(_scores(metrics), abs=1e-3)
     with pytest.raises(SettingsError) as error:
-        experiment.evaluate_trained(lone, dataset=metrics["dataset"], split="train")
-    assert error.value.flag == "split" and "allowed: test, validation" in error.value.problem
+        experiment.evaluate_trained(lone, dataset=metrics["dataset"], split="tain")
+    assert error.value.flag == "split" and "allowed: test, validation, train" in error.value.problem
+
+
+def test_scores_the_whole_split_unless_asked_for_a_subset(run_dir):
+    trained = experiment.load_trained_model(str(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["split"], metrics["num_examples"]) == ("test", 16)
+    whole = experiment.evaluate_trained(trained)
+    assert (whole["split"], whole["num_examples"]) == ("test", 32)
+    # The training split is the run's 64-image subset, unaugmented.
+    train = experiment.evaluate_trained(trained, split="train")
+    assert (train["split"], train["num_examples"]) == ("train", 64)
+    subset = experiment.evaluate_trained(trained, eval_examples=16)
+    assert _scores(subset) == pytest.approx(_scores(metrics), abs=1e-6)
 
 
 def test_validation_split_needs_one_held_out(run_dir):
@@ -68,14 +83,14 @@ def test_validation_split_needs_one_held_out(run_dir):
 
 def test_eval_command_reproduces_the_runs_metrics(run_dir, tmp_path):
     result = run_cli("selfkd_tf.cli.evaluate", f"--model={run_dir}",
-                     f"--out={tmp_path / 'eval'}")
+                     "--eval_examples=16", f"--out={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert _scores(written) == pytest.approx(_scores(metrics), abs=1e-6)
-    assert {k: written[k] for k in ("dataset", "split", "arch", "methods", "epochs",
-                                    "params")} == {
-        k: metrics[k] for k in ("dataset", "split", "arch", "methods", "epochs", "params")}
+    keys = ("dataset", "split", "num_examples", "arch", "methods", "epochs", "params")
+    assert {k: written[k] for k in keys} == {k: metrics[k] for k in keys}
+    assert "(test split, 16 examples)" in result.stdout
     table = result.stdout.splitlines()
     assert table[1].split() == ["exit", *METRIC_KEYS]
     assert [row.split()[0] for row in table[2:5]] == ["1", "2", "ensemble"]

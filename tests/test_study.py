@@ -21,8 +21,12 @@ def run_study(*args):
 
 def test_plan_puts_the_main_comparison_first_and_extra_seeds_last(tmp_path):
     (tmp_path / "pskd_seed3").mkdir()
-    (tmp_path / "pskd_seed3" / "metrics.json").write_text("{}")
-    result = run_study("--dry_run", "--seed=3", "--extra_seeds=1", f"--out={tmp_path}",
+    for name in ("metrics_test.json", "metrics_train.json"):
+        (tmp_path / "pskd_seed3" / name).write_text("{}")
+    # Trained but not yet scored on the whole splits: still to do.
+    (tmp_path / "byot_seed3").mkdir()
+    (tmp_path / "byot_seed3" / "metrics.json").write_text("{}")
+    result = run_study("--dry_run", "--seed=3", "--spread_seeds=4", f"--out={tmp_path}",
                        "--dataset=npz:/data/x.npz")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -43,11 +47,26 @@ def test_plan_puts_the_main_comparison_first_and_extra_seeds_last(tmp_path):
     assert not (tmp_path / "baseline_seed3").exists()
 
 
+def test_seed_lists_and_rows_of_a_small_data_study(tmp_path):
+    result = run_study("--dry_run", "--spread_rows=baseline,pskd,byot,pskd_byot_dmfl",
+                       "--spread_seeds=1,2", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    plan = [line.split(": ", 1)[0] for line in result.stdout.splitlines()]
+    first = ["baseline", "byot", "pskd", "pskd_byot_dmfl"]
+    assert plan == (
+        [f"{row}_seed0" for row in first]
+        + [f"{row}_seed0" for row in ("dmfl", "pskd_byot", "pskd_dmfl", "byot_dmfl")]
+        + [f"{row}_seed{seed}" for seed in (1, 2) for row in first])
+    for bad in ("--spread_rows=basline", "--spread_seeds=0"):
+        refused = run_study("--dry_run", bad, f"--out={tmp_path}")
+        assert refused.returncode != 0 and last_line(refused.stderr).startswith("study: ")
+
+
 def test_two_parallel_runs_then_report_and_skip_on_rerun(tmp_path):
-    dataset = write_npz(tmp_path / "tiny.npz")
+    dataset = write_npz(tmp_path / "tiny.npz", n_test=96)
     out = tmp_path / "study"
     args = [f"--run_flagfile={CONFIGS / 'smoke.flags'}", f"--dataset={dataset}",
-            f"--out={out}", "--only=baseline,pskd_byot_dmfl", "--extra_seeds=0",
+            f"--out={out}", "--only=baseline,pskd_byot_dmfl", "--spread_seeds=",
             "--parallel=2"]
     result = run_study(*args)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -56,20 +75,27 @@ def test_two_parallel_runs_then_report_and_skip_on_rerun(tmp_path):
         assert json.loads((run / "flags.json").read_text())["methods"] == methods
         assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
         assert "Epoch 2/2" in (run / "train.log").read_text()
+        # smoke.flags evaluates on 64 test images while training; the study
+        # scores the whole split and the training examples afterwards.
+        scored = {split: json.loads((run / f"metrics_{split}.json").read_text())
+                  for split in ("test", "train")}
+        assert json.loads((run / "metrics.json").read_text())["num_examples"] == 64
+        assert [(r["split"], r["num_examples"]) for r in scored.values()] == [
+            ("test", 96), ("train", 64)]
     table = (out / "report" / "table1.md").read_text()
     assert "Baseline" in table and "+PS-KD+BYOT+DMFL" in table
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics*.json")}
 
     rerun = run_study(*args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert rerun.stdout.count("done, skipped") == 2
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics*.json")} == stamps
 
 
 def test_a_failed_run_fails_the_study_with_one_line(tmp_path):
     result = run_study(f"--run_flagfile={CONFIGS / 'smoke.flags'}",
                        f"--dataset=npz:{tmp_path / 'missing.npz'}", f"--out={tmp_path}",
-                       "--only=baseline", "--extra_seeds=0")
+                       "--only=baseline", "--spread_seeds=")
     assert result.returncode != 0
     assert last_line(result.stderr) == "study: runs failed: baseline_seed0"
     assert not (tmp_path / "report").exists()

@@ -1,14 +1,24 @@
 """Runs the paper's Table 1/2 protocol: all 8 method combinations, one recipe.
 
-Every row trains with the same flagfile, seed and number of epochs, each in
-its own run directory under ``--out``; finished runs are skipped and
-interrupted ones resume, so the script can simply be started again. At the
-end the report tool writes the tables and figures.
+Every row trains with the same flagfile and number of epochs, each in its
+own run directory under ``--out``: all 8 rows with ``--seed``, and the
+``--spread_rows`` again with each of the ``--spread_seeds``. Finished runs
+are skipped and interrupted ones resume, so the script can simply be
+started again.
 
-Example (the CPU study of docs/results.md):
+After training, each run is scored with ``selfkd-eval`` on the whole test
+split (``metrics_test.json``) and on its own training examples, unaugmented
+(``metrics_train.json``), whatever subset it evaluated on while training.
+At the end the report tool writes the tables and figures from the test
+scores into ``--out/report``.
+
+Examples (the two CPU studies of docs/results.md):
 
     python tools/study.py --run_flagfile=configs/study_cifar10.flags \
         --dataset=folder:/data/cifar10-jpeg --out=runs/study --parallel=2
+    python tools/study.py --run_flagfile=configs/study_cifar10_small.flags \
+        --dataset=folder:/data/cifar10-jpeg --out=runs/small --parallel=2 \
+        --spread_rows=baseline,pskd,byot,pskd_byot_dmfl --spread_seeds=1,2
 
 With ``--parallel=N`` the script trains N runs at once and gives each
 process an equal share of the CPU cores (``TF_NUM_INTRAOP_THREADS``): small
@@ -33,10 +43,12 @@ _FLAGFILE = flags.DEFINE_string("run_flagfile", "configs/study_cifar10.flags",
 _OUT = flags.DEFINE_string("out", "runs/study", "Parent directory of the runs.")
 _DATASET = flags.DEFINE_string("dataset", None, "Overrides the flagfile's --dataset.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every row.")
-_EXTRA_SEEDS = flags.DEFINE_integer(
-    "extra_seeds", 1,
-    "Further seeds (seed+1, ...) for the baseline and the full method, to show "
-    "the run-to-run spread.")
+_SPREAD_ROWS = flags.DEFINE_list(
+    "spread_rows", ["baseline", "pskd_byot_dmfl"],
+    "Rows trained again with each of --spread_seeds, to measure the "
+    "run-to-run spread; they train first.")
+_SPREAD_SEEDS = flags.DEFINE_list(
+    "spread_seeds", ["1"], "Further seeds of the --spread_rows.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (labels below).")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the runs still to train, with their commands, "
@@ -56,28 +68,51 @@ ROWS = (
     ("byot_dmfl", "byot,dmfl"),
     ("pskd_byot_dmfl", "pskd,byot,dmfl"),
 )
-SPREAD_ROWS = ("baseline", "pskd_byot_dmfl")
+EVALUATIONS = (("test", "metrics_test.json"), ("train", "metrics_train.json"))
 
 
-def planned_runs(seed: int, extra_seeds: int) -> list[tuple[str, str, int]]:
+def planned_runs(seed: int, spread_rows: list[str],
+                 spread_seeds: list[int]) -> list[tuple[str, str, int]]:
     """``(run name, methods, seed)`` for every run of the study.
 
-    The baseline and the full method come first, so a study cut short still
-    holds the comparison that matters most; the extra seeds come last.
+    The spread rows come first, so a study cut short still holds the
+    comparison that matters most; the further seeds come last.
+
+    Raises:
+        ValueError: an unknown row label, or a further seed equal to ``seed``.
     """
-    first = [row for row in ROWS if row[0] in SPREAD_ROWS]
-    ordered = first + [row for row in ROWS if row[0] not in SPREAD_ROWS]
+    unknown = sorted(set(spread_rows) - {label for label, _ in ROWS})
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; allowed: "
+                         f"{', '.join(label for label, _ in ROWS)}")
+    if seed in spread_seeds or len(set(spread_seeds)) != len(spread_seeds):
+        raise ValueError(f"--spread_seeds {spread_seeds} repeat a seed "
+                         f"(--seed is {seed})")
+    first = [row for row in ROWS if row[0] in spread_rows]
+    ordered = first + [row for row in ROWS if row[0] not in spread_rows]
     runs = [(f"{label}_seed{seed}", methods, seed) for label, methods in ordered]
-    for offset in range(1, extra_seeds + 1):
-        runs += [
-            (f"{label}_seed{seed + offset}", methods, seed + offset)
-            for label, methods in first
-        ]
+    for further in spread_seeds:
+        runs += [(f"{label}_seed{further}", methods, further)
+                 for label, methods in first]
     return runs
 
 
 def _run_dir(name: str) -> str:
     return os.path.join(_OUT.value, name)
+
+
+def _finished(name: str) -> bool:
+    return all(os.path.exists(os.path.join(_run_dir(name), file))
+               for _, file in EVALUATIONS)
+
+
+def _eval_commands(name: str) -> list[list[str]]:
+    return [
+        [sys.executable, "-m", "selfkd_tf.cli.evaluate",
+         f"--model={_run_dir(name)}", f"--split={split}",
+         f"--out={os.path.join(_run_dir(name), file)}"]
+        for split, file in EVALUATIONS
+    ]
 
 
 def _train_command(name: str, methods: str, seed: int) -> list[str]:
@@ -92,17 +127,21 @@ def _train_command(name: str, methods: str, seed: int) -> list[str]:
 
 
 def _train(name: str, methods: str, seed: int, threads: int) -> None:
+    """Trains (or resumes) one run, then scores it on the test and training splits."""
     run_dir = _run_dir(name)
-    command = _train_command(name, methods, seed)
-    # One write per line: runs in parallel threads must not interleave.
-    sys.stdout.write(" ".join(command) + "\n")
-    sys.stdout.flush()
     os.makedirs(run_dir, exist_ok=True)
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
                TF_NUM_INTEROP_THREADS=str(threads))
     with open(os.path.join(run_dir, "train.log"), "a") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, check=False)
+        for command in [_train_command(name, methods, seed), *_eval_commands(name)]:
+            # One write per line: runs in parallel threads must not interleave.
+            sys.stdout.write(" ".join(command) + "\n")
+            sys.stdout.flush()
+            log.flush()
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, check=False)
+            if result.returncode:
+                break
     status = "finished" if result.returncode == 0 else f"FAILED ({result.returncode})"
     sys.stdout.write(f"{name}: {status}, log in {run_dir}/train.log\n")
     sys.stdout.flush()
@@ -112,11 +151,16 @@ def _train(name: str, methods: str, seed: int, threads: int) -> None:
 
 def main(argv):
     del argv
+    try:
+        plan = planned_runs(_SEED.value, _SPREAD_ROWS.value,
+                            [int(seed) for seed in _SPREAD_SEEDS.value])
+    except ValueError as error:
+        sys.exit(f"study: {error}")
     pending = []
-    for name, methods, seed in planned_runs(_SEED.value, _EXTRA_SEEDS.value):
+    for name, methods, seed in plan:
         if _ONLY.value and name.rsplit("_seed", 1)[0] not in _ONLY.value:
             continue
-        if os.path.exists(os.path.join(_run_dir(name), "metrics.json")):
+        if _finished(name):
             print(f"{name}: done, skipped")
             continue
         pending.append((name, methods, seed))
@@ -132,6 +176,7 @@ def main(argv):
         sys.exit(f"study: runs failed: {', '.join(failed)}")
     subprocess.run(
         [sys.executable, "-m", "selfkd_tf.cli.report", f"--runs={_OUT.value}",
+         f"--metrics_file={EVALUATIONS[0][1]}",
          f"--out={os.path.join(_OUT.value, 'report')}"],
         check=True,
     )

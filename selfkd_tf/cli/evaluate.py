@@ -31,8 +31,12 @@ flags.DEFINE_string(
     "default: the run's.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory; default: the run's.")
 flags.DEFINE_string(
-    "split", None, "test, or validation (the part of the training set the run "
-    "held out with --validation_fraction); default: the run's evaluation split.")
+    "split", None, "test, validation (the part of the training set the run "
+    "held out with --validation_fraction) or train (the training examples the "
+    "run used, unaugmented); default: the run's evaluation split.")
+flags.DEFINE_integer(
+    "eval_examples", None, "Score a stratified subset of this many examples; "
+    "default: the whole split.", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Evaluation batch size; default: the run's.")
 flags.DEFINE_string(
     "out", None, "Output: a .json file, or a directory that receives "
@@ -56,12 +60,14 @@ def main(argv: list[str]) -> int:
         trained = experiment.load_trained_model(FLAGS.model)
         record = experiment.evaluate_trained(
             trained, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-            split=FLAGS.split, batch_size=FLAGS.batch_size)
+            split=FLAGS.split, batch_size=FLAGS.batch_size,
+            eval_examples=FLAGS.eval_examples)
     except experiment.SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     out = _output_path(trained.path, record["split"])
     metrics_lib.write_metrics_json(record, out)
-    print(f"{FLAGS.model} on {record['dataset']} ({record['split']}):")
+    print(f"{FLAGS.model} on {record['dataset']} ({record['split']} split, "
+          f"{record['num_examples']} examples):")
     print(experiment.format_metrics_table(record))
     print(f"Wrote {out}")
     return 0

@@ -32,6 +32,12 @@ flags.DEFINE_string(
     "out", None,
     "Output directory, created if missing; files of the same name are "
     "replaced.")
+flags.DEFINE_string(
+    "metrics_file", "metrics.json",
+    "The scores of each run to report: metrics.json (written at the end of "
+    "training, on the run's evaluation split) or a record that selfkd-eval "
+    "wrote into the run directory, e.g. metrics_test.json for the whole test "
+    "split.")
 flags.mark_flags_as_required(["runs", "out"])
 
 
@@ -39,7 +45,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
-        runs = report.load_runs(FLAGS.runs)
+        runs = report.load_runs(FLAGS.runs, FLAGS.metrics_file)
         written = report.write_report(runs, FLAGS.out)
     except (ValueError, OSError) as err:
         # One line, whatever the message (e.g. a JSON error) contains.
