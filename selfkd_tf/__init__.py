@@ -10,10 +10,16 @@ shallow ones, and DMFL mutual learning between shallow and deep features.
 >>> model = skd.SelfKDModel(backbone, num_train_examples=info.num_train)
 
 The names below are imported on first use, so tools that need no
-TensorFlow (``selfkd-report``) start without loading it.
+TensorFlow (``selfkd-report``) start without loading it. The Keras classes
+a saved model refers to (`SelfKDModel`, its layers and metrics) are
+registered as soon as both this package and Keras are imported, in either
+order, so ``keras.saving.load_model("run/model.keras")`` works after
+``import selfkd_tf``.
 """
 
 import importlib
+
+from selfkd_tf import registration
 
 __version__ = "0.1.0"
 
@@ -37,6 +43,12 @@ _EXPORTS = {
     "make_optimizer": "selfkd_tf.training",
     "TrainSettings": "selfkd_tf.experiment",
     "train": "selfkd_tf.experiment",
+    "EarlyExitCascade": "selfkd_tf.cascade",
+    "early_exit_curve": "selfkd_tf.early_exit",
+    "measure_latency": "selfkd_tf.early_exit",
+    "select_threshold": "selfkd_tf.early_exit",
+    "exit_costs": "selfkd_tf.export",
+    "export_saved_model": "selfkd_tf.export",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -52,3 +64,6 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_EXPORTS])
+
+
+registration.register_on_keras_import()

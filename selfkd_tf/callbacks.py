@@ -1,4 +1,11 @@
-"""Callbacks that drive the PS-KD schedule and report training progress."""
+"""Callbacks that drive the PS-KD schedule and report training progress.
+
+Epochs are numbered from 1 wherever they are shown: Keras's progress bar
+("Epoch 3/10"), `EpochSummary` ("epoch 3/10"), the ``epoch`` column of
+`HistoryCSV` and the step of `EpochTensorBoard`'s scalars. (Keras hands
+callbacks the 0-based index; `keras.callbacks.CSVLogger` and
+`keras.callbacks.TensorBoard` would write that.)
+"""
 
 from __future__ import annotations
 
@@ -88,3 +95,37 @@ class EpochSummary(keras.callbacks.Callback):
                 for k in accuracies))
         parts.append(" ".join(f"{k} {logs[k]:.4g}" for k in ("lr", "alpha_t") if k in logs))
         print(" | ".join(p for p in parts if p), flush=True)
+
+
+class HistoryCSV(keras.callbacks.CSVLogger):
+    """`keras.callbacks.CSVLogger` with the ``epoch`` column numbered from 1.
+
+    The row of the epoch the progress bar calls "Epoch 3/10" says 3.
+
+    Example:
+
+    >>> model.fit(ds, epochs=3, callbacks=[HistoryCSV("history.csv", append=True)])
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` for epoch scalars, at step = 1-based epoch.
+
+    Keras's callback also writes the optimizer's learning rate as
+    ``epoch_learning_rate``, read after the epoch's last step (so the rate
+    of the next step); it is left out, as the model logs ``lr``, the rate
+    its steps applied: one learning-rate tag, ``epoch_lr``.
+
+    Example:
+
+    >>> model.fit(ds, epochs=3, callbacks=[EpochTensorBoard("runs/a/tensorboard")])
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+    def _collect_learning_rate(self, logs):
+        return logs

@@ -16,7 +16,14 @@ resumed run needs to continue as if it had never stopped:
 Writes are atomic: TensorFlow writes a checkpoint's files before it points
 the ``checkpoint`` state file (itself replaced atomically) at them, so a run
 killed mid-save resumes from the previous checkpoint, which is kept
-(``max_to_keep=2``).
+(``max_to_keep=2``). A Ctrl-C (SIGINT) during a save takes effect when the
+save is complete (`uninterrupted`), so an interrupted run never leaves half
+a checkpoint.
+
+Reading is guarded too: a checkpoint directory that cannot be read, whose
+state file names files outside it (which the manager would delete when it
+prunes old checkpoints), or whose variables do not fit the model raises a
+`CheckpointError` with a one-line message before anything is restored.
 
 Example:
 
@@ -33,7 +40,12 @@ model.fit(..., callbacks=[saver])
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import dataclasses
+import os
+import signal
+import threading
 import time
 
 import keras
@@ -45,6 +57,18 @@ _POSITION_KEYS = {
     "step": "progress/step/.ATTRIBUTES/VARIABLE_VALUE",
     "train_time_s": "progress/train_time_s/.ATTRIBUTES/VARIABLE_VALUE",
 }
+
+
+_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError)
+"""What TensorFlow raises for damaged checkpoint files (a truncated data file
+surfaces as an IndexError)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be read or does not fit the model.
+
+    ``str(error)`` is one line that says what is wrong.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +97,101 @@ class _Progress(tf.Module):
         self.train_time_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
 
+def _inside(path: str, directory: str) -> bool:
+    directory = os.path.realpath(directory)
+    return os.path.commonpath([os.path.realpath(path), directory]) == directory
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """The path prefix of the latest checkpoint in ``directory``, if any.
+
+    Raises:
+        CheckpointError: the ``checkpoint`` state file cannot be parsed,
+            names no checkpoint, or names one outside ``directory``.
+    """
+    state_file = os.path.join(directory, "checkpoint")
+    if not os.path.lexists(state_file):
+        return None
+    logger = tf.get_logger()
+    level = logger.level
+    # TensorFlow logs an unparsable state file as a warning and answers
+    # None, which would read as "no checkpoint" and restart the run.
+    logger.setLevel("ERROR")
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError, UnicodeDecodeError) as err:
+        state = err
+    finally:
+        logger.setLevel(level)
+    if not getattr(state, "model_checkpoint_path", None):
+        problem = _first_line(state) if isinstance(state, Exception) else "not a checkpoint state"
+        raise CheckpointError(f"unreadable checkpoint state {state_file}: {problem}")
+    paths = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
+    for path in paths:
+        if not _inside(os.path.join(directory, path), directory):
+            raise CheckpointError(
+                f"the checkpoint state in {directory} names {path!r}, which is "
+                "outside the directory")
+    return os.path.join(directory, state.model_checkpoint_path)
+
+
 def read_position(directory: str) -> Position | None:
     """The position of the latest checkpoint in ``directory``, if any.
 
     Reads three scalars, so it is cheap and needs no model: a run learns
     which epoch to start its data pipeline at before building anything.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read (see
+            `latest_checkpoint`), lacks the position or holds a negative one.
     """
-    path = tf.train.latest_checkpoint(directory)
+    path = latest_checkpoint(directory)
     if path is None:
         return None
-    values = {k: tf.train.load_variable(path, key) for k, key in _POSITION_KEYS.items()}
-    return Position(int(values["epoch"]), int(values["step"]),
-                    float(values["train_time_s"]))
+    try:
+        values = {k: tf.train.load_variable(path, key)
+                  for k, key in _POSITION_KEYS.items()}
+        position = Position(int(values["epoch"]), int(values["step"]),
+                            float(values["train_time_s"]))
+    except (*_READ_ERRORS, TypeError) as err:
+        raise CheckpointError(
+            f"unreadable checkpoint {path}: {_first_line(err)}") from err
+    if position.epoch < 0 or position.step < 0:
+        raise CheckpointError(f"checkpoint {path} holds a negative position {position}")
+    return position
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Defers Ctrl-C (SIGINT) until the block ends, then raises it.
+
+    Wraps writes that must not stop half-way. Outside the main thread, where
+    Python delivers no signals, it does nothing.
+
+    Example:
+
+    >>> with uninterrupted():
+    ...     manager.save()  # a Ctrl-C here raises KeyboardInterrupt after it
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if not received:
+        return
+    if callable(previous):
+        previous(*received[0])  # Python's handler raises KeyboardInterrupt
+    elif previous == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 class TrainingCheckpoint:
@@ -112,22 +219,68 @@ class TrainingCheckpoint:
             self._checkpoint, directory, max_to_keep=max_to_keep)
 
     def save(self, position: Position, number: int) -> str:
-        """Writes a checkpoint numbered ``number`` (the global step)."""
-        self._progress.epoch.assign(position.epoch)
-        self._progress.step.assign(position.step)
-        self._progress.train_time_s.assign(position.train_time_s)
-        return self._manager.save(checkpoint_number=number)
+        """Writes a checkpoint numbered ``number`` (the global step).
+
+        A Ctrl-C during the write raises `KeyboardInterrupt` once the
+        checkpoint is complete.
+        """
+        with uninterrupted():
+            self._progress.epoch.assign(position.epoch)
+            self._progress.step.assign(position.step)
+            self._progress.train_time_s.assign(position.train_time_s)
+            return self._manager.save(checkpoint_number=number)
 
     def restore_latest(self) -> Position:
         """Restores the latest checkpoint into the model and optimizer.
 
         Raises:
-            AssertionError: the checkpoint does not match the model.
+            CheckpointError: there is no readable checkpoint, or it does not
+                fit the model (another architecture, number of classes or of
+                training examples); nothing is restored then.
         """
-        self._checkpoint.restore(self._manager.latest_checkpoint).assert_consumed()
+        path = latest_checkpoint(self.directory)
+        if path is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        mismatches = self.shape_mismatches(path)
+        if mismatches:
+            raise CheckpointError(
+                f"the checkpoint {path} was made for another model or other "
+                f"data: {_summary(mismatches)}")
+        try:
+            self._checkpoint.restore(path).assert_consumed()
+        except (AssertionError, *_READ_ERRORS) as err:
+            raise CheckpointError(
+                f"the checkpoint {path} does not fit the model or cannot be "
+                f"read: {_first_line(err)}") from err
         return Position(int(self._progress.epoch.numpy()),
                         int(self._progress.step.numpy()),
                         float(self._progress.train_time_s.numpy()))
+
+    def shape_mismatches(self, path: str) -> list[tuple[str, tuple, tuple]]:
+        """The saved values whose shapes differ from the variables they restore.
+
+        Checked before restoring, because a failed restore leaves TensorFlow
+        warnings about unrestored values behind.
+
+        Returns:
+            ``(variable path, saved shape, model shape)`` triples.
+
+        Raises:
+            CheckpointError: the checkpoint cannot be read.
+        """
+        try:
+            saved = dict(tf.train.list_variables(path))
+        except _READ_ERRORS as err:
+            raise CheckpointError(
+                f"unreadable checkpoint {path}: {_first_line(err)}") from err
+        found = []
+        for key, shape in sorted(saved.items()):
+            variable = _resolve(self._checkpoint, key)
+            if variable is None or tuple(variable.shape) == tuple(shape):
+                continue
+            name = getattr(variable, "path", None) or key.split("/.ATTRIBUTES")[0]
+            found.append((name, tuple(shape), tuple(variable.shape)))
+        return found
 
     def metric_values(self) -> list[np.ndarray]:
         return [v.numpy() for v in self._metric_variables]
@@ -135,6 +288,46 @@ class TrainingCheckpoint:
     def assign_metric_values(self, values: list[np.ndarray]) -> None:
         for variable, value in zip(self._metric_variables, values):
             variable.assign(value)
+
+
+def _resolve(root, key: str):
+    """The variable a checkpoint key such as
+    ``model/backbone/_operations/12/moving_mean/.ATTRIBUTES/VARIABLE_VALUE``
+    restores, found by following the key's attribute names and list indices
+    from ``root``; None if the key is not a variable's or does not resolve.
+    """
+    path, marker, _ = key.partition("/.ATTRIBUTES/")
+    if not marker:
+        return None
+    node = root
+    for part in path.split("/"):
+        if isinstance(node, collections.abc.Sequence) and part.isdigit():
+            index = int(part)
+            node = node[index] if index < len(node) else None
+        else:
+            node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node if hasattr(node, "shape") and hasattr(node, "dtype") else None
+
+
+def _summary(mismatches: list[tuple[str, tuple, tuple]]) -> str:
+    """One line on what differs, read from the PS-KD table's and the
+    classifiers' shapes where they differ, e.g. ``"training examples 8 -> 9
+    (4 values differ in shape, e.g. ...)"``."""
+    differ = {}
+    for name, saved, model in mismatches:
+        leaf = name.split("/")[-1]
+        if leaf == "soft_target_table" and len(saved) == len(model) == 2:
+            for what, a, b in zip(("training examples", "classes"), saved, model):
+                if a != b:
+                    differ[what] = f"{what} {a} -> {b}"
+        elif "_logits/" in name and leaf == "kernel" and saved[:-1] == model[:-1]:
+            differ.setdefault("classes", f"classes {saved[-1]} -> {model[-1]}")
+    name, saved, model = mismatches[0]
+    example = f"{name}: saved {saved}, model {model}"
+    count = f"{len(mismatches)} values differ in shape, e.g. {example}"
+    return f"{', '.join(differ.values())} ({count})" if differ else count
 
 
 def _is_finite(loss, model: keras.Model) -> bool:
@@ -169,6 +362,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         start: the position training starts from.
 
     Attributes:
+        position: where training stands: the 0-based epoch in progress and
+            its batches trained so far (``(epoch + 1, 0)`` after an epoch).
         last_saved: the `Position` of the latest checkpoint, or None.
         diverged_at: ``(epoch, step)`` of the first batch whose loss was not
             finite (0-based epoch, 1-based step), or None.
@@ -181,6 +376,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.save_every_steps = save_every_steps
         self.start = start
+        self.position = start
         self.last_saved: Position | None = start if start.epoch or start.step else None
         self.diverged_at: tuple[int, int] | None = None
         self._metric_values = checkpoint.metric_values() if start.step else None
@@ -199,12 +395,14 @@ class CheckpointCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._offset = self.start.step if epoch == self.start.epoch else 0
+        self.position = Position(epoch, self._offset)
         if self._offset and self._metric_values is not None:
             self.checkpoint.assign_metric_values(self._metric_values)
             self._metric_values = None
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._offset + batch + 1
+        self.position = Position(self._epoch, step)
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss) and self.diverged_at is None:
             self.diverged_at = (self._epoch, step)
@@ -217,7 +415,8 @@ class CheckpointCallback(keras.callbacks.Callback):
             self._save(Position(self._epoch, step), loss)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save(Position(epoch + 1, 0), (logs or {}).get("loss"))
+        self.position = Position(epoch + 1, 0)
+        self._save(self.position, (logs or {}).get("loss"))
 
     def _save(self, position: Position, loss) -> None:
         if not _is_finite(loss, self.model):

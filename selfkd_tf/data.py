@@ -48,25 +48,19 @@ Epochs of the training dataset:
   may count that early look as a whole epoch when an epoch has only a few
   batches; use `epochs=N` there.
 
-Sources, selected by the `dataset` string:
+Sources, selected by the `dataset` string, live in `selfkd_tf.sources`, one
+module each (what each reads, and how, is documented there):
 
-- `"cifar10"`, `"cifar100"`: TensorFlow Datasets, prepared in `data_dir` (or
-  downloaded by TFDS when it is not).
-- `"cifar:PATH"`: the canonical python pickles, `cifar-10-batches-py` or
-  `cifar-100-python` (fine labels), given as that folder, its parent folder or
-  the `.tar.gz` archive (read in place). Unpickling runs arbitrary code, so
-  only load archives you trust.
-- `"folder:PATH"`: `PATH/train/<class>/*` and `PATH/test/<class>/*` image files
-  (JPEG, PNG, BMP, GIF; other files are ignored). Labels follow the sorted
-  class folder names, which must be the same in both splits. Images are
-  converted to RGB (grayscale is replicated, alpha dropped) and, when sizes
-  differ, resized to `image_size`, or to the size of the first training image
-  (first file of the first class) when `image_size` is None.
-- `"npz:PATH"`: arrays `x_train`, `y_train`, `x_test`, `y_test` and optionally
-  `class_names`. Integer images hold values in [0, 255]; floating images hold
-  values in [0, 1] and are scaled by 255. `[N, H, W]` images get a channel
-  axis; channels are otherwise kept as they are. Without `class_names`, there
-  are `max(label) + 1` classes named "0", "1", ...
+- `"digits"`: scikit-learn's handwritten digits, shipped inside the installed
+  package: no download, no files of your own;
+- `"cifar10"`, `"cifar100"`: TensorFlow Datasets, prepared in `data_dir`;
+- `"cifar:PATH"`: the canonical CIFAR python pickles;
+- `"folder:PATH"`: `PATH/{train,test}/<class>/<image file>`;
+- `"npz:PATH"`: arrays `x_train`, `y_train`, `x_test`, `y_test`.
+
+Every source refuses data that cannot be trained on (a `DataError` naming the
+problem): mismatched lengths, an empty split, labels out of range, a single
+class, fewer training examples than classes.
 
 Images are decoded once and held in memory as uint8; `image_size` resizes them
 once at load time (bilinear, antialiased).
@@ -76,16 +70,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import pathlib
-import pickle
-import re
-import tarfile
-import zipfile
 from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from selfkd_tf import sources, splits
+from selfkd_tf.sources import DataError, ImageArrays
 
 __all__ = [
     "DataError",
@@ -95,33 +86,13 @@ __all__ = [
     "make_datasets",
 ]
 
-_DATASET_FORMS = (
-    "'cifar10', 'cifar100', 'cifar:PATH', 'folder:PATH', 'npz:PATH'"
-)
-_PATH_SOURCES = ("cifar", "folder", "npz")
-
-# Published per-channel statistics of the CIFAR training sets, keyed by the
-# number of classes; all other sources compute theirs from the training split.
-_CIFAR_STATS = {
-    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _NORMALIZATIONS = ("dataset", "imagenet")
 
 _CROP_PADDING = 4
-_IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-# Distinct streams of the numpy generator that selects examples, so that the
-# validation carve-out and the size caps do not depend on one another.
-_VALIDATION_STREAM, _TRAIN_CAP_STREAM, _EVAL_CAP_STREAM = 0, 1, 2
 # Distinct streams of the stateless TF generator, per epoch.
 _ORDER_STREAM, _CROP_STREAM, _FLIP_STREAM = 0, 1, 2
-
-
-class DataError(ValueError):
-    """Invalid dataset argument or input data; the message names the culprit."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,27 +125,6 @@ class DatasetInfo:
     steps_per_epoch: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageArrays:
-    """A dataset held in memory.
-
-    Attributes:
-        x_train: uint8 `[N, H, W, C]` training images.
-        y_train: int64 `[N]` training labels in `[0, num_classes)`.
-        x_test: uint8 `[M, H, W, C]` test images.
-        y_test: int64 `[M]` test labels in `[0, num_classes)`.
-        class_names: one name per class, in label order.
-        num_classes: `len(class_names)`.
-    """
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    class_names: tuple[str, ...]
-    num_classes: int
-
-
 def load_arrays(
     dataset: str,
     data_dir: str | None = None,
@@ -184,8 +134,9 @@ def load_arrays(
     """Loads a whole dataset into memory as validated uint8 arrays.
 
     Args:
-        dataset: one of `"cifar10"`, `"cifar100"`, `"cifar:PATH"`,
-            `"folder:PATH"`, `"npz:PATH"` (see the module docstring).
+        dataset: one of `"digits"`, `"cifar10"`, `"cifar100"`,
+            `"cifar:PATH"`, `"folder:PATH"`, `"npz:PATH"` (see the module
+            docstring).
         data_dir: TFDS data directory; only used by `"cifar10"`/`"cifar100"`.
         image_size: optional `H` or `(H, W)` every image is resized to.
 
@@ -197,26 +148,12 @@ def load_arrays(
 
     Example:
 
-    >>> arrays = load_arrays("npz:/data/digits.npz")  # doctest: +SKIP
-    >>> arrays.x_train.shape, arrays.num_classes  # doctest: +SKIP
-    ((1000, 28, 28, 1), 10)
+    >>> arrays = load_arrays("digits", image_size=16)
+    >>> arrays.x_train.shape, arrays.num_classes
+    ((1442, 16, 16, 1), 10)
     """
-    kind, path = _parse_dataset(dataset)
-    size = _image_size(image_size)
-    if kind == "folder":
-        arrays = _load_folder(path, size)
-    elif kind == "cifar":
-        arrays = _load_cifar_pickles(path)
-    elif kind == "npz":
-        arrays = _load_npz(path)
-    else:
-        arrays = _load_tfds(kind, data_dir)
-    if size is None:
-        return arrays
-    return dataclasses.replace(
-        arrays,
-        x_train=_resize_array(arrays.x_train, size),
-        x_test=_resize_array(arrays.x_test, size),
+    return sources.load(
+        dataset, data_dir=data_dir, image_size=_image_size(image_size)
     )
 
 
@@ -315,16 +252,16 @@ def make_datasets(
     default_split = "validation" if validation_fraction > 0 else "test"
     eval_split = eval_split or default_split
     _check_choice(eval_split, "eval_split", (default_split, "train"))
-    kind, path = _parse_dataset(dataset)
+    source, path = sources.parse(dataset)
     arrays = load_arrays(dataset, data_dir, image_size=image_size)
-    x_train, y_train, x_eval, y_eval = _select_splits(
-        arrays, validation_fraction, train_examples, subset_seed
+    x_train, y_train, x_eval, y_eval = splits.select_examples(
+        arrays,
+        validation_fraction=validation_fraction,
+        train_examples=train_examples,
+        eval_split=eval_split,
+        eval_examples=eval_examples,
+        seed=subset_seed,
     )
-    if eval_split == "train":
-        x_eval, y_eval = x_train, y_train
-    if eval_examples is not None and eval_examples < len(y_eval):
-        kept = _stratified_sample(y_eval, eval_examples, subset_seed, _EVAL_CAP_STREAM)
-        x_eval, y_eval = x_eval[kept], y_eval[kept]
     channels = x_train.shape[-1]
     if normalization == "imagenet":
         if channels != 3:
@@ -333,13 +270,13 @@ def make_datasets(
                 f"{dataset} has {channels}"
             )
         mean, std = _IMAGENET_STATS
-    elif kind in ("cifar10", "cifar100", "cifar"):
-        mean, std = _CIFAR_STATS[arrays.num_classes]
+    elif arrays.published_stats is not None:
+        mean, std = arrays.published_stats
     else:
         mean, std = _channel_stats(x_train)
 
     info = DatasetInfo(
-        name=kind if path is None else f"{kind}:{path}",
+        name=source.name if path is None else f"{source.name}:{path}",
         num_classes=arrays.num_classes,
         num_train=len(y_train),
         num_eval=len(y_eval),
@@ -545,76 +482,7 @@ def _eval_dataset(
     )
 
 
-# --- Splits and statistics ----------------------------------------------------
-
-
-def _select_splits(
-    arrays: ImageArrays,
-    validation_fraction: float,
-    train_examples: int | None,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Carves the validation split and applies the training cap.
-
-    Returns:
-        `(x_train, y_train, x_eval, y_eval)`, the evaluation split being the
-        validation split or the test split. Kept examples stay in their
-        original relative order, which defines their index.
-    """
-    x_train, y_train = arrays.x_train, arrays.y_train
-    if validation_fraction > 0:
-        held_out = _stratified_sample(
-            y_train,
-            round(validation_fraction * len(y_train)),
-            seed,
-            _VALIDATION_STREAM,
-        )
-        if not 0 < len(held_out) < len(y_train):
-            raise DataError(
-                f"validation_fraction={validation_fraction} of {len(y_train)} "
-                f"training examples leaves {len(held_out)} for validation; "
-                "both splits need examples"
-            )
-        kept = np.setdiff1d(np.arange(len(y_train)), held_out)
-        x_eval, y_eval = x_train[held_out], y_train[held_out]
-        x_train, y_train = x_train[kept], y_train[kept]
-    else:
-        x_eval, y_eval = arrays.x_test, arrays.y_test
-    if train_examples is not None and train_examples < len(y_train):
-        kept = _stratified_sample(
-            y_train, train_examples, seed, _TRAIN_CAP_STREAM
-        )
-        x_train, y_train = x_train[kept], y_train[kept]
-    return x_train, y_train, x_eval, y_eval
-
-
-def _stratified_sample(
-    labels: np.ndarray, count: int, seed: int, stream: int
-) -> np.ndarray:
-    """Indices of `count` examples drawn per class, in proportion to its size.
-
-    Args:
-        labels: int `[N]`.
-        count: number of examples to draw, at most `N`.
-        seed: non-negative seed; with `stream`, fixes the draw.
-        stream: distinguishes independent draws made with the same seed.
-
-    Returns:
-        int64 `[count]`, increasing.
-    """
-    rng = np.random.default_rng([seed, stream])
-    classes, sizes = np.unique(labels, return_counts=True)
-    quotas = sizes * (count / len(labels))
-    taken = np.floor(quotas).astype(np.int64)
-    # Largest remainders get the examples rounding left over; the stable sort
-    # breaks ties towards lower class ids.
-    leftover = count - int(taken.sum())
-    taken[np.argsort(taken - quotas, kind="stable")[:leftover]] += 1
-    chosen = [
-        rng.permutation(np.flatnonzero(labels == label))[:size]
-        for label, size in zip(classes, taken)
-    ]
-    return np.sort(np.concatenate(chosen))
+# --- Statistics ---------------------------------------------------------------
 
 
 def _channel_stats(
@@ -636,477 +504,6 @@ def _channel_stats(
     # the smallest meaningful spread.
     std = np.maximum(std, 1.0)
     return tuple((mean / 255.0).tolist()), tuple((std / 255.0).tolist())
-
-
-# --- Sources ------------------------------------------------------------------
-
-
-def _parse_dataset(dataset: str) -> tuple[str, str | None]:
-    """Splits a dataset string into `(kind, absolute path or None)`."""
-    if dataset in ("cifar10", "cifar100"):
-        return dataset, None
-    kind, colon, path = str(dataset).partition(":")
-    if not colon or kind not in _PATH_SOURCES:
-        raise DataError(
-            f"unknown dataset {dataset!r}; expected one of {_DATASET_FORMS}"
-        )
-    if not path:
-        raise DataError(
-            f"dataset {dataset!r} has an empty path; expected {kind}:PATH"
-        )
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        raise DataError(f"{kind} path does not exist: {path}")
-    return kind, path
-
-
-def _image_arrays(
-    source: str,
-    x_train,
-    y_train,
-    x_test,
-    y_test,
-    class_names: Sequence[str] | None = None,
-) -> ImageArrays:
-    """Validates raw arrays from any source and converts them to `ImageArrays`.
-
-    Args:
-        source: what the arrays were read from, for messages.
-        x_train, x_test: images `[N, H, W]` or `[N, H, W, C]`, integers in
-            [0, 255] or floats in [0, 1].
-        y_train, y_test: integer labels `[N]` (or `[N, 1]`).
-        class_names: names in label order; None names classes "0", "1", ...
-            up to the largest label.
-    """
-    x_train, x_test = (
-        _uint8_images(source, n, x)
-        for n, x in (("x_train", x_train), ("x_test", x_test))
-    )
-    y_train, y_test = (
-        _labels(source, n, y)
-        for n, y in (("y_train", y_train), ("y_test", y_test))
-    )
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if len(x) != len(y):
-            raise DataError(
-                f"{source}: x_{split} has {len(x)} examples "
-                f"but y_{split} has {len(y)} labels"
-            )
-        if not len(x):
-            raise DataError(f"{source}: the {split} split has no examples")
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(
-            f"{source}: train images have shape {x_train.shape[1:]} "
-            f"but test images have shape {x_test.shape[1:]}"
-        )
-    if class_names is None:
-        class_names = range(max(y_train.max(), y_test.max()) + 1)
-    class_names = tuple(str(name) for name in class_names)
-    for name, y in (("y_train", y_train), ("y_test", y_test)):
-        bad = np.flatnonzero((y < 0) | (y >= len(class_names)))
-        if bad.size:
-            raise DataError(
-                f"{source}: {name} has label {y[bad[0]]} at position {bad[0]}; "
-                f"labels must be in [0, {len(class_names)})"
-            )
-    return ImageArrays(
-        x_train, y_train, x_test, y_test, class_names, len(class_names)
-    )
-
-
-def _uint8_images(source: str, name: str, images) -> np.ndarray:
-    """Converts images to uint8 `[N, H, W, C]` (see `_image_arrays`)."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., np.newaxis]
-    if images.ndim != 4 or 0 in images.shape[1:]:
-        raise DataError(
-            f"{source}: {name} must have shape [N, H, W] or [N, H, W, C]; "
-            f"got {images.shape}"
-        )
-    if images.dtype == np.uint8:
-        return images
-    if np.issubdtype(images.dtype, np.floating):
-        low, high, scale = 0.0, 1.0, 255.0
-    elif np.issubdtype(images.dtype, np.integer):
-        low, high, scale = 0, 255, 1
-    else:
-        raise DataError(
-            f"{source}: {name} has dtype {images.dtype}; "
-            "expected integers or floats"
-        )
-    if images.size and not (images.min() >= low and images.max() <= high):
-        raise DataError(
-            f"{source}: {name} ({images.dtype}) has values in "
-            f"[{images.min()}, {images.max()}]; "
-            "integer images must be in [0, 255], floating images in [0, 1]"
-        )
-    return np.round(images * scale).astype(np.uint8)
-
-
-def _labels(source: str, name: str, labels) -> np.ndarray:
-    """Converts labels to int64 `[N]`."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1 or not (
-        np.issubdtype(labels.dtype, np.integer) or labels.size == 0
-    ):
-        raise DataError(
-            f"{source}: {name} must be integer class ids of shape [N]; "
-            f"got {labels.dtype} {labels.shape}"
-        )
-    return labels.astype(np.int64)
-
-
-def _load_tfds(name: str, data_dir: str | None) -> ImageArrays:
-    """Loads `cifar10`/`cifar100` with TensorFlow Datasets."""
-    # Imported here: it adds seconds to start-up and only this source needs it.
-    import tensorflow_datasets as tfds
-
-    try:
-        splits, info = tfds.load(
-            name,
-            split=["train", "test"],
-            data_dir=data_dir,
-            as_supervised=True,
-            with_info=True,
-        )
-        # Chunks rather than batch_size=-1, which relies on split sizes from
-        # the metadata.
-        (x_train, y_train), (x_test, y_test) = (
-            [
-                np.concatenate(part)
-                for part in zip(*tfds.as_numpy(split.batch(10_000)))
-            ]
-            for split in splits
-        )
-    # TFDS fails in many ways (missing data, no network, ...), all reported
-    # the same way.
-    except Exception as err:
-        raise DataError(
-            f"cannot load TFDS dataset {name!r} (data_dir={data_dir}): "
-            f"{_first_line(err)}"
-        ) from None
-    return _image_arrays(
-        f"TFDS {name}",
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        info.features["label"].names,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _CifarLayout:
-    """File names and pickle keys of one canonical CIFAR python release."""
-
-    folder: str
-    train: tuple[str, ...]
-    test: str
-    meta: str
-    label_key: str
-    names_key: str
-
-
-_CIFAR_LAYOUTS = (
-    _CifarLayout(
-        folder="cifar-10-batches-py",
-        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test="test_batch",
-        meta="batches.meta",
-        label_key="labels",
-        names_key="label_names",
-    ),
-    _CifarLayout(
-        folder="cifar-100-python",
-        train=("train",),
-        test="test",
-        meta="meta",
-        label_key="fine_labels",
-        names_key="fine_label_names",
-    ),
-)
-_CIFAR_FILES = frozenset(
-    name
-    for layout in _CIFAR_LAYOUTS
-    for name in (*layout.train, layout.test, layout.meta)
-)
-
-
-def _load_cifar_pickles(path: str) -> ImageArrays:
-    """Loads CIFAR pickles from a release folder, its parent or its archive."""
-    if os.path.isdir(path):
-        return _read_cifar(
-            path,
-            lambda name: os.path.isfile(os.path.join(path, name)),
-            lambda name: pathlib.Path(path, name).read_bytes(),
-        )
-    # Read the archive once, in order: seeking back in a .gz stream would
-    # decompress it again from the start.
-    contents = {}
-    try:
-        with tarfile.open(path) as archive:
-            for member in archive:
-                if (
-                    member.isfile()
-                    and os.path.basename(member.name) in _CIFAR_FILES
-                ):
-                    contents[os.path.normpath(member.name)] = (
-                        archive.extractfile(member).read()
-                    )
-    except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(
-            f"cannot read {path} as a CIFAR tar archive: {_first_line(err)}"
-        ) from None
-    return _read_cifar(path, contents.__contains__, contents.__getitem__)
-
-
-def _read_cifar(
-    source: str, exists: Callable[[str], bool], read: Callable[[str], bytes]
-) -> ImageArrays:
-    """Reads a CIFAR release through `exists`/`read` of relative file names."""
-    found = [
-        (layout, prefix)
-        for layout in _CIFAR_LAYOUTS
-        for prefix in ("", layout.folder)
-        if exists(os.path.join(prefix, layout.meta))
-    ]
-    if len({layout.folder for layout, _ in found}) != 1:
-        problem = (
-            "holds both CIFAR-10 and CIFAR-100 data"
-            if found
-            else "holds no CIFAR python data"
-        )
-        raise DataError(
-            f"{source} {problem}; expected cifar-10-batches-py or "
-            "cifar-100-python (the folder, its parent folder or its .tar.gz "
-            "archive)"
-        )
-    layout, prefix = found[0]
-
-    def unpickle(name):
-        where = os.path.join(source, prefix, name)
-        if not exists(os.path.join(prefix, name)):
-            raise DataError(f"missing CIFAR file {where}")
-        try:
-            # The canonical files are Python 2 pickles; "bytes" keeps their
-            # str keys as bytes.
-            content = pickle.loads(
-                read(os.path.join(prefix, name)), encoding="bytes"
-            )
-        # Corrupt pickles raise almost any exception type.
-        except Exception as err:
-            raise DataError(
-                f"cannot unpickle {where}: {_first_line(err)}"
-            ) from None
-        if not isinstance(content, dict):
-            raise DataError(
-                f"{where} holds a {type(content).__name__}, not a CIFAR dict"
-            )
-        return where, {
-            k.decode() if isinstance(k, bytes) else k: v
-            for k, v in content.items()
-        }
-
-    def field(where, content, key):
-        if key not in content:
-            raise DataError(f"{where} has no key {key!r}")
-        return content[key]
-
-    def batch(name):
-        where, content = unpickle(name)
-        data = np.asarray(field(where, content, "data"))
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(
-                f"{where}: 'data' has shape {data.shape}; expected [N, 3072]"
-            )
-        # Rows hold the red, green and blue 32x32 planes one after the other.
-        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return images, np.asarray(field(where, content, layout.label_key))
-
-    train = [batch(name) for name in layout.train]
-    x_test, y_test = batch(layout.test)
-    where, meta = unpickle(layout.meta)
-    names = [
-        n.decode() if isinstance(n, bytes) else n
-        for n in field(where, meta, layout.names_key)
-    ]
-    return _image_arrays(
-        os.path.join(source, prefix),
-        np.concatenate([x for x, _ in train]),
-        np.concatenate([y for _, y in train]),
-        x_test,
-        y_test,
-        names,
-    )
-
-
-def _load_npz(path: str) -> ImageArrays:
-    """Loads `x_train, y_train, x_test, y_test[, class_names]` from an .npz."""
-    try:
-        content = np.load(path, allow_pickle=False)
-        if isinstance(content, np.lib.npyio.NpzFile):
-            with content:
-                arrays = {key: content[key] for key in content.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(
-            f"cannot read npz file {path}: {_first_line(err)}"
-        ) from None
-    if not isinstance(content, np.lib.npyio.NpzFile):
-        raise DataError(f"{path} holds a single array, not an .npz archive")
-    missing = [key for key in _NPZ_KEYS if key not in arrays]
-    if missing:
-        raise DataError(
-            f"{path} lacks arrays {', '.join(missing)}; "
-            f"expected {', '.join(_NPZ_KEYS)} "
-            "(and optionally class_names)"
-        )
-    return _image_arrays(
-        path, *(arrays[key] for key in _NPZ_KEYS), arrays.get("class_names")
-    )
-
-
-def _load_folder(root: str, size: tuple[int, int] | None) -> ImageArrays:
-    """Decodes `root/{train,test}/<class>/<image>` into memory."""
-    files = {
-        split: _class_files(os.path.join(root, split))
-        for split in ("train", "test")
-    }
-    if files["train"].keys() != files["test"].keys():
-        only_train = sorted(files["train"].keys() - files["test"].keys())
-        only_test = sorted(files["test"].keys() - files["train"].keys())
-        raise DataError(
-            f"class folders differ between {root}/train and {root}/test: "
-            f"only in train: {only_train}, only in test: {only_test}"
-        )
-    class_names = sorted(files["train"])
-    splits = []
-    for split in ("train", "test"):
-        paths = [path for name in class_names for path in files[split][name]]
-        labels = [
-            label
-            for label, name in enumerate(class_names)
-            for _ in files[split][name]
-        ]
-        splits.append((paths, labels))
-    if size is None:
-        first = splits[0][0][0]
-        try:
-            size = tuple(_read_image(first).shape[:2])
-        except tf.errors.OpError:
-            raise _image_error(first) from None
-    (train_paths, y_train), (test_paths, y_test) = splits
-    return _image_arrays(
-        root,
-        _decode_files(train_paths, size),
-        np.asarray(y_train),
-        _decode_files(test_paths, size),
-        np.asarray(y_test),
-        class_names,
-    )
-
-
-def _class_files(split_dir: str) -> dict[str, list[str]]:
-    """Maps each class folder name of `split_dir` to its sorted image files."""
-    if not os.path.isdir(split_dir):
-        raise DataError(
-            f"missing folder {split_dir}; "
-            "expected PATH/train/<class>/ and PATH/test/<class>/"
-        )
-    classes = sorted(
-        entry.name
-        for entry in os.scandir(split_dir)
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
-    if not classes:
-        raise DataError(f"{split_dir} has no class folders")
-    files = {}
-    for name in classes:
-        class_dir = os.path.join(split_dir, name)
-        files[name] = sorted(
-            entry.path
-            for entry in os.scandir(class_dir)
-            if entry.is_file()
-            and entry.name.lower().endswith(_IMAGE_EXTENSIONS)
-        )
-        if not files[name]:
-            raise DataError(
-                f"class folder {class_dir} has no image files "
-                f"({', '.join(_IMAGE_EXTENSIONS)})"
-            )
-    return files
-
-
-def _read_image(path) -> tf.Tensor:
-    """Reads and decodes one image file to uint8 RGB `[H, W, 3]`."""
-    return tf.io.decode_image(
-        tf.io.read_file(path), channels=3, expand_animations=False
-    )
-
-
-def _image_error(path: str, others: int = 0) -> DataError:
-    """A `DataError` naming an unreadable image file, with the reason."""
-    try:
-        _read_image(path)
-        reason = ""
-    except tf.errors.OpError as err:
-        # Drop the op and function names TF wraps around the reason.
-        reason = ": " + re.sub(
-            r"\{\{.*?\}\}\s*|\s*\[Op:.*", "", _first_line(err.message)
-        )
-    more = f" (and {others} more)" if others else ""
-    return DataError(f"cannot read or decode image file {path}{more}{reason}")
-
-
-def _decode_files(paths: list[str], size: tuple[int, int]) -> np.ndarray:
-    """Decodes image files in parallel to uint8 RGB `[N, *size, 3]`."""
-
-    def decode(path):
-        image = _read_image(path)
-        image = tf.cond(
-            tf.reduce_all(tf.shape(image)[:2] == size),
-            lambda: image,
-            lambda: _resize_uint8(image, size),
-        )
-        return path, tf.ensure_shape(image, [*size, 3])
-
-    decoded = (
-        tf.data.Dataset.from_tensor_slices(paths)
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        # Unreadable files drop out here and are reported by name below,
-        # instead of an error from deep inside the pipeline.
-        .ignore_errors()
-        .batch(1024)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    done, chunks = [], []
-    for names, images in decoded.as_numpy_iterator():
-        done.extend(os.fsdecode(name) for name in names)
-        chunks.append(images)
-    if len(done) < len(paths):
-        failed = sorted(set(paths) - set(done))
-        raise _image_error(failed[0], others=len(failed) - 1)
-    return np.concatenate(chunks)
-
-
-def _resize_uint8(images: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    """Resizes uint8 `[..., H, W, C]` to `size`, bilinear and antialiased."""
-    resized = tf.image.resize(images, size, antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
-def _resize_array(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resizes uint8 `[N, H, W, C]` to `[N, size[0], size[1], C]` in chunks."""
-    if images.shape[1:3] == size:
-        return images
-    return np.concatenate(
-        [
-            _resize_uint8(images[i : i + 1024], size).numpy()
-            for i in range(0, len(images), 1024)
-        ]
-    )
 
 
 # --- Argument checks ----------------------------------------------------------
@@ -1152,8 +549,3 @@ def _check_choice(value, name: str, allowed: Sequence[str]) -> None:
             f"got {value!r}"
         )
 
-
-def _first_line(error) -> str:
-    """The first line of an error message: `DataError`s fit on one line."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

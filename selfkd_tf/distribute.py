@@ -25,6 +25,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from selfkd_tf import cluster
+
 STRATEGIES = ("none", "mirrored", "multiworker")
 PRECISIONS = ("none", "bfloat16", "float16")
 
@@ -41,19 +43,30 @@ def make_strategy(
       logical CPU device (a single one unless the process split its CPU with
       `tf.config.set_logical_device_configuration`).
     - ``"multiworker"``: `tf.distribute.MultiWorkerMirroredStrategy` over the
-      cluster described by the ``TF_CONFIG`` environment variable. It must be
-      created before any other TensorFlow operation of the process runs.
+      cluster described by the ``TF_CONFIG`` environment variable (checked
+      by `selfkd_tf.cluster.parse_tf_config`). It must be created before any
+      other TensorFlow operation of the process runs. A worker that dies or
+      stops responding is noticed by TensorFlow's coordination service
+      (heartbeats, about 10 s), and the other workers' next collective
+      operation fails.
 
     Args:
         name: one of `STRATEGIES`.
         collective_timeout: seconds after which a cross-worker collective that
-            has not completed fails instead of waiting forever, so a worker
-            whose peer died stops by itself (``"multiworker"`` only; ``None``
-            waits forever).
+            has not completed fails, also when its peers are alive but stuck
+            (``"multiworker"`` only; ``None``: no limit). It must exceed the
+            longest time one worker can legitimately run ahead of another,
+            e.g. while the others still build their data.
 
     Returns:
         The strategy. Create the model and the optimizer, and call `compile`
         and `fit`, inside ``strategy.scope()``.
+
+    Raises:
+        ValueError: an unknown ``name``; ``collective_timeout`` without
+            ``"multiworker"``; ``"multiworker"`` with ``TF_CONFIG`` unset or
+            malformed, or naming an address this process cannot listen on
+            (one line starting ``"TF_CONFIG: "``).
 
     Example:
 
@@ -73,11 +86,29 @@ def make_strategy(
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(
-                timeout_seconds=collective_timeout
+        config = cluster.read_tf_config()
+        if config is None:
+            raise ValueError(
+                f"{cluster.TF_CONFIG}: not set; distribute='multiworker' needs "
+                "the cluster and this worker's task in it (see docs/multiworker.md)."
             )
-        )
+        task = config["task"]
+        address = config["cluster"][task["type"]][task["index"]]
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy(
+                communication_options=tf.distribute.experimental.CommunicationOptions(
+                    timeout_seconds=collective_timeout
+                )
+            )
+        except tf.errors.OpError as error:
+            # "Could not start gRPC server": TensorFlow listens on the
+            # address's port on every interface, and another process has it.
+            port = address.rpartition(":")[2]
+            raise ValueError(
+                f"{cluster.TF_CONFIG}: cannot start {task['type']} {task['index']} "
+                f"at {address} ({error.message.splitlines()[0]}); is port {port} "
+                "free on this machine?"
+            ) from error
     return tf.distribute.get_strategy()
 
 

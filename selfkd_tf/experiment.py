@@ -8,10 +8,11 @@ Every knob is a field of `TrainSettings`, whose field names are also the
 A run directory (``settings.model_dir``) holds:
 
 - ``flags.json``: the resolved settings (`TrainSettings.to_json`);
-- ``history.csv``: one row per epoch (`keras.callbacks.CSVLogger`), with an
-  ``epoch_time_s`` column;
+- ``history.csv``: one row per epoch (`selfkd_tf.callbacks.HistoryCSV`),
+  epochs numbered from 1 as on the console, with an ``epoch_time_s`` column;
 - ``tensorboard/``: TensorBoard scalars of every logged value (loss terms,
-  per-exit accuracies, ``lr``, ``alpha_t``, ``epoch_time_s``);
+  per-exit accuracies, ``lr``, ``alpha_t``, ``epoch_time_s``) at step = the
+  1-based epoch;
 - ``checkpoints/``: crash-safe training state (`selfkd_tf.checkpointing`);
 - ``model.keras``: the trained `SelfKDModel`;
 - ``metrics.json``: every exit and the ensemble evaluated on the evaluation
@@ -42,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import typing
 
 import keras
@@ -50,10 +52,12 @@ import tensorflow as tf
 
 from selfkd_tf import callbacks as callbacks_lib
 from selfkd_tf import checkpointing
+from selfkd_tf import cluster
 from selfkd_tf import data as data_lib
 from selfkd_tf import distribute as distribute_lib
 from selfkd_tf import losses
 from selfkd_tf import metrics as metrics_lib
+from selfkd_tf import run_directory
 from selfkd_tf.export import count_parameters
 from selfkd_tf.files import write_atomically
 from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
@@ -66,7 +70,8 @@ METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
-RUN_FILES = (FLAGS_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
+DATA_FILE = run_directory.DATA_FILE
+RUN_FILES = (FLAGS_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
              TENSORBOARD_DIR, CHECKPOINT_DIR)
 """Everything `train` writes in a run directory (and ``overwrite`` removes)."""
 
@@ -96,6 +101,13 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C); the checkpoints on disk are whole.
+
+    ``str(error)`` is one line: where training stopped and how to resume.
+    """
+
+
 def _setting(default, help: str):  # noqa: A002 - the absl keyword
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -117,8 +129,9 @@ class TrainSettings:
 
     # Data.
     dataset: str = _setting(
-        "cifar100", "cifar10, cifar100 (TFDS), cifar:PATH (python pickles), "
-        "folder:PATH (PATH/{train,test}/<class>/*.jpg) or npz:PATH.")
+        "cifar100", "digits (embedded, no download), cifar10, cifar100 (TFDS), "
+        "cifar:PATH (python pickles), folder:PATH (PATH/{train,test}/<class>/*.jpg) "
+        "or npz:PATH.")
     data_dir: str | None = _setting(None, "TFDS data directory (cifar10, cifar100).")
     normalization: str = _setting(
         "dataset", "dataset (published CIFAR or training-split statistics) "
@@ -218,7 +231,7 @@ class TrainSettings:
         """
         if not self.dataset:
             raise SettingsError(
-                "dataset", "missing; allowed: cifar10, cifar100, cifar:PATH, "
+                "dataset", "missing; allowed: digits, cifar10, cifar100, cifar:PATH, "
                 "folder:PATH, npz:PATH")
         _check_choice("arch", self.arch, ARCHITECTURES)
         if self.exit_head is not None:
@@ -459,14 +472,25 @@ class TrainedModel:
     run_dir: str | None
 
 
-def load_trained_model(path: str) -> TrainedModel:
+UNSAFE_FLAG = "unsafe_deserialization"
+"""The command-line flag that loads models with Keras safe mode off."""
+
+
+def load_trained_model(path: str, safe_mode: bool = True) -> TrainedModel:
     """Loads a `SelfKDModel` from a ``.keras`` file or a run directory.
 
     A run directory provides its ``model.keras`` and ``flags.json``; a
     ``.keras`` file picks up the ``flags.json`` beside it, if any.
 
+    Args:
+        path: a run directory or a ``.keras`` file.
+        safe_mode: Keras's safe mode. On (the default), a file holding
+            Python code, such as a ``Lambda`` layer's function, is refused
+            rather than run; turn it off only for files you trust.
+
     Raises:
-        SettingsError (flag ``model``): nothing loadable at ``path``.
+        SettingsError (flag ``model``): nothing loadable at ``path``, a file
+            refused by safe mode, or an unusable ``flags.json`` beside it.
 
     Example:
 
@@ -487,15 +511,26 @@ def load_trained_model(path: str) -> TrainedModel:
     else:
         raise SettingsError("model", f"no such file or directory: {path}")
     try:
-        model = keras.saving.load_model(model_path, compile=False)
-    except (ValueError, OSError) as err:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=safe_mode)
+    # Whatever a damaged or foreign file makes Keras raise (zip, HDF5, JSON,
+    # config errors) means the same to the caller: it cannot be loaded.
+    except Exception as err:  # noqa: BLE001
+        if "safe_mode=False" in str(err):  # Keras's wording for refused code
+            raise SettingsError(
+                "model", f"{model_path} holds Python code (a Lambda layer or "
+                "function) that would run when it is loaded; refused by Keras "
+                f"safe mode. Only if you trust the file, pass --{UNSAFE_FLAG} "
+                "(safe_mode=False in Python)") from err
         raise SettingsError(
-            "model", f"cannot load {model_path}: {str(err).splitlines()[0]}"
-        ) from err
+            "model", f"cannot load {model_path}: "
+            f"{(str(err).strip() or type(err).__name__).splitlines()[0]}") from err
     if not isinstance(model, SelfKDModel):
         raise SettingsError(
             "model", f"{model_path} holds a {type(model).__name__}, not a SelfKDModel")
-    settings = _read_settings(run_dir) if run_dir else None
+    try:
+        settings = _read_settings(run_dir) if run_dir else None
+    except SettingsError as err:
+        raise SettingsError("model", err.problem) from err
     return TrainedModel(model, model_path, settings, run_dir)
 
 
@@ -543,7 +578,7 @@ def _renormalized(dataset: tf.data.Dataset, info, model: SelfKDModel) -> tf.data
     return dataset.map(lambda x, y: ({**x, "image": x["image"] * scale + shift}, y))
 
 
-def evaluate_trained(
+def evaluation_data(
     trained: TrainedModel,
     *,
     dataset: str | None = None,
@@ -551,8 +586,8 @@ def evaluate_trained(
     split: str | None = None,
     batch_size: int | None = None,
     eval_examples: int | None = None,
-) -> dict:
-    """Evaluates a loaded model; returns its ``metrics.json`` record.
+) -> tuple[tf.data.Dataset, data_lib.DatasetInfo]:
+    """The split a loaded model is evaluated on, normalised as it was trained.
 
     Args:
         trained: from `load_trained_model`.
@@ -562,12 +597,13 @@ def evaluate_trained(
             the run held out with ``validation_fraction``) or ``"train"``
             (the training examples the run used, unaugmented); default: the
             run's evaluation split.
-        eval_examples: score a stratified subset of this many examples;
-            default: the whole split (whatever the run evaluated on while
-            training). The record's ``num_examples`` says how many were scored.
+        eval_examples: a stratified subset of this many examples; default:
+            the whole split (whatever the run evaluated on while training).
 
-    The images are normalised as the model was trained, whatever data they
-    come from.
+    Returns:
+        ``(dataset, info)``: batches as `selfkd_tf.data.make_datasets` yields
+        them, with the images normalised as the model was trained, whatever
+        data they come from; ``info.eval_split`` names the split.
 
     Raises:
         SettingsError: bad ``dataset``/``split``, or data the model cannot take.
@@ -582,8 +618,25 @@ def evaluate_trained(
             "dataset", f"{info.name} has {info.num_classes} classes of "
             f"{info.image_shape} images; the model takes {model.num_classes} "
             f"classes of {expected} images")
+    return _renormalized(eval_ds, info, model), info
+
+
+def evaluate_trained(trained: TrainedModel, **data_choices) -> dict:
+    """Evaluates a loaded model; returns its ``metrics.json`` record.
+
+    Args:
+        trained: from `load_trained_model`.
+        **data_choices: ``dataset``, ``data_dir``, ``split``, ``batch_size``
+            and ``eval_examples``, as for `evaluation_data`. The record's
+            ``num_examples`` says how many were scored.
+
+    Raises:
+        SettingsError: bad ``dataset``/``split``, or data the model cannot take.
+    """
+    model = trained.model
+    eval_ds, info = evaluation_data(trained, **data_choices)
     return evaluate_model(
-        model, _renormalized(eval_ds, info, model), dataset_name=info.name,
+        model, eval_ds, dataset_name=info.name,
         split=info.eval_split,
         arch=trained.settings.arch if trained.settings else model.backbone.name,
         methods=model.selfkd_config.methods,
@@ -595,14 +648,75 @@ def evaluate_trained(
 
 
 def _read_settings(run_dir: str) -> TrainSettings | None:
+    """The settings in ``run_dir``'s ``flags.json``; None if there is none.
+
+    Raises:
+        SettingsError (flag ``model_dir``): the file is unreadable, not JSON,
+            not a settings record, or holds values of the wrong type or
+            outside their allowed values.
+    """
     path = os.path.join(run_dir, FLAGS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return TrainSettings.from_json(json.load(f))
-    except (ValueError, TypeError) as err:
-        raise SettingsError("model_dir", f"unreadable {path}: {err}") from err
+        value = run_directory.read_json(path)
+        if not isinstance(value, dict):
+            raise SettingsError(None, "not a JSON object")
+        settings = TrainSettings.from_json(value)
+        hints = typing.get_type_hints(TrainSettings)
+        wrong = [f"{k}={v!r}" for k, v in dataclasses.asdict(settings).items()
+                 if not run_directory.fits_type(v, hints[k])]
+        if wrong:
+            raise SettingsError(None, f"values of the wrong type: {', '.join(wrong)}")
+        settings.validate()
+    except run_directory.RunDirectoryError as err:
+        raise SettingsError("model_dir", str(err)) from err
+    except (SettingsError, TypeError) as err:
+        raise SettingsError("model_dir", f"unusable {path}: {err}") from err
+    return settings
+
+
+def _read_metrics(path: str) -> dict:
+    """A finished run's ``metrics.json`` record, checked for what is printed."""
+    try:
+        return run_directory.read_metrics(path, metrics_lib.METRIC_KEYS)
+    except run_directory.RunDirectoryError as err:
+        raise SettingsError(
+            "model_dir", f"{err}; move it away to evaluate the run again, or "
+            "pass --overwrite to train it afresh") from err
+
+
+def _check_run_directory(run_dir: str) -> None:
+    """Refuses run files through which training would write outside ``run_dir``."""
+    try:
+        run_directory.check_contained(run_dir, RUN_FILES, appended=(HISTORY_FILE,))
+    except run_directory.RunDirectoryError as err:
+        raise SettingsError(
+            "model_dir", f"{err}; remove it, choose another --model_dir or pass "
+            "--overwrite to start afresh") from err
+
+
+def _check_same_data(run_dir: str, info: data_lib.DatasetInfo) -> None:
+    """Refuses to resume a run on data other than its ``data.json`` records."""
+    path = os.path.join(run_dir, DATA_FILE)
+    if not os.path.lexists(path):
+        return  # Older runs: the checkpoint's shapes are compared instead.
+    try:
+        saved = run_directory.DataFingerprint.from_json(run_directory.read_json(path), path)
+    except run_directory.RunDirectoryError as err:
+        raise SettingsError("model_dir", str(err)) from err
+    differences = saved.differences(run_directory.DataFingerprint.from_info(info))
+    if differences:
+        raise SettingsError(
+            "model_dir", f"{run_dir} holds a run trained on other data "
+            f"({'; '.join(differences)}); rerun on the same data to resume it, "
+            "choose another --model_dir, or pass --overwrite to start it afresh")
+
+
+def _resume_error(run_dir: str, err: checkpointing.CheckpointError) -> SettingsError:
+    return SettingsError(
+        "model_dir", f"cannot resume {run_dir}: {err}; choose another "
+        "--model_dir, or pass --overwrite to start it afresh")
 
 
 def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:
@@ -618,33 +732,46 @@ def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:
             "or pass --overwrite to start it afresh")
 
 
+def _computed_settings(settings: TrainSettings) -> dict:
+    """The settings that change what a run computes (all but `RESUME_SAFE_FIELDS`)."""
+    return {k: v for k, v in settings.to_json().items() if k not in RESUME_SAFE_FIELDS}
+
+
 def _remove_run_files(run_dir: str) -> None:
     for name in RUN_FILES:
         path = os.path.join(run_dir, name)
-        if os.path.isdir(path):
+        # A symbolic link is removed, never followed.
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
-        elif os.path.exists(path):
+        elif os.path.lexists(path):
             os.remove(path)
 
 
 def _truncate_history(path: str, first_epoch: int) -> None:
-    """Drops the rows of epochs ``>= first_epoch``, which are trained again.
+    """Drops the rows of 0-based epochs ``>= first_epoch``, which are trained again.
+
+    The ``epoch`` column numbers epochs from 1 (`callbacks_lib.HistoryCSV`).
 
     A killed run may have logged an epoch whose checkpoint it did not write,
     or half a row.
+
+    Raises:
+        SettingsError: the file is not a history (`run_directory.read_history`).
     """
-    if not os.path.isfile(path):
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or "epoch" not in rows[0]:
-        os.remove(path)
+    try:
+        rows = run_directory.read_history(path)
+    except run_directory.RunDirectoryError as err:
+        raise SettingsError(
+            "model_dir", f"{err}; move it away to resume without it") from err
+    if rows is None:
+        if os.path.lexists(path):
+            os.remove(path)
         return
     column = rows[0].index("epoch")
     kept = [
         row for row in rows[1:]
         if len(row) == len(rows[0]) and row[column].isdigit()
-        and int(row[column]) < first_epoch
+        and int(row[column]) <= first_epoch
     ]
     if not kept:
         os.remove(path)
@@ -655,10 +782,19 @@ def _truncate_history(path: str, first_epoch: int) -> None:
 
 
 def _save_model(model: SelfKDModel, path: str) -> None:
-    # Keras insists on the .keras suffix, so the temporary name keeps it.
-    temporary = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{MODEL_FILE}")
-    model.save(temporary)
-    os.replace(temporary, path)
+    # Keras insists on the .keras suffix, so the temporary name keeps it; a
+    # fresh name (not one a planted link could anticipate) and no Ctrl-C
+    # half-way leave either the old file or the new one.
+    fd, temporary = tempfile.mkstemp(
+        dir=os.path.dirname(path), prefix=".", suffix=f"-{MODEL_FILE}")
+    os.close(fd)
+    try:
+        with checkpointing.uninterrupted():
+            model.save(temporary)
+            os.replace(temporary, path)
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
 
 
 # -- training -----------------------------------------------------------------
@@ -681,16 +817,6 @@ def seed_everything(settings: TrainSettings) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def check_replicas(settings: TrainSettings, strategy: tf.distribute.Strategy) -> None:
-    """Refuses a global batch that the strategy's replicas cannot share evenly."""
-    replicas = strategy.num_replicas_in_sync
-    if settings.batch_size % replicas:
-        raise SettingsError(
-            "batch_size",
-            f"got {settings.batch_size}, not divisible by the {replicas} replicas "
-            f"of --distribute={settings.distribute}; allowed: multiples of {replicas}")
-
-
 def _callbacks(settings: TrainSettings, saver: checkpointing.CheckpointCallback) -> list:
     # Order matters at epoch end. SoftTargetRefresh comes first (fit moves
     # it there), so the table is refreshed before anything is saved; its
@@ -706,8 +832,8 @@ def _callbacks(settings: TrainSettings, saver: checkpointing.CheckpointCallback)
         # Given here rather than added by fit, so it finishes the epoch's bar
         # before EpochSummary prints.
         keras.callbacks.ProgbarLogger(),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY_FILE), append=True),
-        keras.callbacks.TensorBoard(
+        callbacks_lib.HistoryCSV(os.path.join(run_dir, HISTORY_FILE), append=True),
+        callbacks_lib.EpochTensorBoard(
             os.path.join(run_dir, TENSORBOARD_DIR), write_graph=False,
             profile_batch=0),
         callbacks_lib.EpochSummary(),
@@ -783,22 +909,40 @@ def _divergence_message(saver: checkpointing.CheckpointCallback, directory: str)
             f"training stopped and {kept}")
 
 
+def _interruption_message(saver: checkpointing.CheckpointCallback) -> str:
+    now, last = saver.position, saver.last_saved
+    if last is None:
+        since = "from the start: no checkpoint had been written"
+    elif last.step:
+        since = f"from the checkpoint at epoch {last.epoch + 1}, step {last.step}"
+    else:
+        since = f"from the checkpoint at the end of epoch {last.epoch}"
+    return (f"interrupted at epoch {now.epoch + 1} step {now.step}; rerun the "
+            f"same command to resume ({since})")
+
+
 def train(settings: TrainSettings) -> dict:
     """Runs, resumes or (when finished) reads the run in ``settings.model_dir``.
 
-    Nothing is written before the settings, the data and the model have been
-    checked, so an invalid setting leaves no trace.
+    Nothing is written before the settings, the data, the model and the run
+    directory (its files, and for a resumed run its data record and
+    checkpoint) have been checked, so an invalid setting leaves no trace.
 
     Returns:
         The ``metrics.json`` record.
 
     Raises:
         SettingsError: invalid settings, unreadable data, or a run directory
-            holding a run with other settings (and no ``overwrite``).
+            holding a run with other settings or other data, or unreadable
+            or hostile files (and no ``overwrite``).
         TrainingDivergedError: the loss became NaN or infinite.
+        TrainingInterrupted: Ctrl-C during training; the checkpoints are
+            whole, and running `train` again resumes from the latest.
     """
     settings = _resolved(settings)
     run_dir = settings.model_dir
+    if not settings.overwrite:
+        _check_run_directory(run_dir)
     previous = None if settings.overwrite else _read_settings(run_dir)
     if previous is None and not settings.overwrite and any(
             os.path.exists(os.path.join(run_dir, name)) for name in RUN_FILES):
@@ -808,56 +952,69 @@ def train(settings: TrainSettings) -> dict:
     if previous is not None:
         _check_resumable(previous, settings)
         metrics_path = os.path.join(run_dir, METRICS_FILE)
-        if os.path.isfile(metrics_path):
+        if os.path.lexists(metrics_path):
+            record = _read_metrics(metrics_path)
             print(f"{run_dir} has finished; its metrics are in {metrics_path}.")
-            with open(metrics_path, encoding="utf-8") as f:
-                return json.load(f)
+            return record
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
-    resumed = checkpointing.read_position(checkpoint_dir) if previous else None
+    try:
+        resumed = checkpointing.read_position(checkpoint_dir) if previous else None
+    except checkpointing.CheckpointError as err:
+        raise _resume_error(run_dir, err) from err
     start = resumed or checkpointing.Position()
 
     seed_everything(settings)
     with _as_settings_error():
         strategy = distribute_lib.make_strategy(settings.distribute)
-    check_replicas(settings, strategy)
+        cluster.check_workers_agree(strategy, _computed_settings(settings), start)
     train_ds, eval_ds, info = build_datasets(
         settings, initial_epoch=min(start.epoch, settings.epochs - 1))
     with strategy.scope():
         model = build_model(settings, info)
         compile_model(model, settings, info.steps_per_epoch)
         model.optimizer.build(model.trainable_variables)
-
-    if settings.overwrite:
-        _remove_run_files(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    write_atomically(os.path.join(run_dir, FLAGS_FILE),
-                      json.dumps(settings.to_json(), indent=2) + "\n")
-    checkpoint = checkpointing.TrainingCheckpoint(model, checkpoint_dir)
     if resumed:
+        _check_same_data(run_dir, info)
         try:
-            checkpoint.restore_latest()
-        except AssertionError as err:
-            raise SettingsError(
-                "model_dir", f"the checkpoint in {checkpoint_dir} does not match "
-                f"the model: {str(err).splitlines()[0]}") from err
+            checkpointing.TrainingCheckpoint(model, checkpoint_dir).restore_latest()
+        except checkpointing.CheckpointError as err:
+            raise _resume_error(run_dir, err) from err
+
+    # Reads come from run_dir; this worker's writes go to out_dir (run_dir
+    # on the chief, a throw-away folder on the other workers of a cluster).
+    out_dir = cluster.worker_directory(run_dir, strategy)
+    if settings.overwrite:
+        _remove_run_files(out_dir)
+    # Checks history.csv before anything else is written.
+    _truncate_history(os.path.join(out_dir, HISTORY_FILE), start.epoch)
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomically(os.path.join(out_dir, FLAGS_FILE),
+                      json.dumps(settings.to_json(), indent=2) + "\n")
+    write_atomically(os.path.join(out_dir, DATA_FILE), json.dumps(
+        run_directory.DataFingerprint.from_info(info).to_json(), indent=2) + "\n")
+    checkpoint = checkpointing.TrainingCheckpoint(
+        model, os.path.join(out_dir, CHECKPOINT_DIR))
+    if resumed:
         print(f"Resuming {run_dir} at epoch {start.epoch + 1}, step {start.step} "
               f"of {info.steps_per_epoch}." if start.epoch < settings.epochs else
               f"{run_dir} has finished training; saving and evaluating it.")
-    _truncate_history(os.path.join(run_dir, HISTORY_FILE), start.epoch)
 
     saver = checkpointing.CheckpointCallback(
         checkpoint, steps_per_epoch=info.steps_per_epoch,
         save_every_steps=settings.save_every_steps, start=start)
-    _fit(model, settings, train_ds, eval_ds, info.steps_per_epoch, start,
-         _callbacks(settings, saver), saver)
+    try:
+        _fit(model, settings, train_ds, eval_ds, info.steps_per_epoch, start,
+             _callbacks(dataclasses.replace(settings, model_dir=out_dir), saver), saver)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interruption_message(saver)) from None
     if saver.diverged_at is not None:
         raise TrainingDivergedError(_divergence_message(saver, checkpoint_dir))
 
-    _save_model(model, os.path.join(run_dir, MODEL_FILE))
+    _save_model(model, os.path.join(out_dir, MODEL_FILE))
     record = evaluate_model(
         model, eval_ds, dataset_name=info.name, split=info.eval_split,
         arch=settings.arch, methods=settings.methods,
         train_time_s=saver.train_time_s(), epochs=settings.epochs,
     )
-    metrics_lib.write_metrics_json(record, os.path.join(run_dir, METRICS_FILE))
+    metrics_lib.write_metrics_json(record, os.path.join(out_dir, METRICS_FILE))
     return record

@@ -25,7 +25,17 @@ The full objective is ``L = L_CE + L_SelfKD + L_DMFL`` where
 
 Averages are taken over the *global* batch (``global_batch_size``), so that
 per-replica losses summed by a ``tf.distribute`` strategy give the same
-gradient as one replica on the whole batch.
+gradient as one replica on the whole batch, however unevenly the batch is
+shared between the replicas.
+
+Per-example weights (``sample_weight``, ``[B]``) follow Keras's built-in
+losses (reduction ``"sum_over_batch_size"``): every per-example quantity
+``l_j`` of every term enters as ``w_j l_j``, and the normalisation is
+unchanged. Averages stay ``sum_j w_j l_j / B`` with ``B`` the number of
+examples in the global batch (not the sum of the weights), and the BYOT hint
+stays a sum, ``lam sum_j w_j ||F_i,j - F_N,j||^2``. Weights of 1 give the
+unweighted objective; an example of weight 0 contributes nothing and gets no
+gradient.
 """
 
 from __future__ import annotations
@@ -173,8 +183,20 @@ def soft_targets(
 
     Returns:
         float32 ``[B, C]``.
+
+    Raises:
+        tf.errors.InvalidArgumentError: if a label is outside
+            ``[0, num_classes)`` (`tf.one_hot` would make its target all
+            zeros, a loss of 0, without an error).
     """
-    one_hot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    message = f"labels: class ids must be in [0, {num_classes})"
+    checks = [
+        tf.debugging.assert_non_negative(labels, message=message),
+        tf.debugging.assert_less(labels, num_classes, message=message),
+    ]
+    with tf.control_dependencies(checks):
+        one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
     if teacher_probs is None:
         return one_hot
     weight = tf.cast(alpha_t, tf.float32) * tf.ones_like(one_hot[:, :1])
@@ -200,12 +222,28 @@ def kl_divergence(target_logits: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     )
 
 
+def _weighted_sum(values: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
+    """``sum_j w_j values_j`` over the batch (``sum_j values_j`` without weights).
+
+    Args:
+        values: float32 ``[B]`` per-example values.
+        sample_weight: optional float32 ``[B]`` per-example weights.
+
+    Returns:
+        A float32 scalar; 0 for an empty batch.
+    """
+    if sample_weight is not None:
+        values = values * tf.cast(sample_weight, values.dtype)
+    return tf.reduce_sum(values)
+
+
 def byot_terms(
     logits: Sequence[tf.Tensor],
     features: Sequence[tf.Tensor],
     targets: tf.Tensor,
     config: SelfKDConfig,
     global_batch_size: tf.Tensor | float,
+    sample_weight: tf.Tensor | None = None,
 ) -> dict[str, tf.Tensor]:
     """BYOT ("Be Your Own Teacher") terms, reduced over the global batch.
 
@@ -221,6 +259,8 @@ def byot_terms(
         config: the settings (``byot_alpha``, ``byot_lambda``,
             ``temperature``, ``byot_exits``).
         global_batch_size: number of examples the averages divide by.
+        sample_weight: optional ``[B]`` per-example weights (see the module
+            docstring); they scale each example's CE, KL and hint.
 
     Returns:
         ``{"byot_ce", "byot_kl", "byot_hint"}`` scalars; their sum is
@@ -237,10 +277,11 @@ def byot_terms(
         kl += kl_divergence(teacher_logits, logits[i - 1] / temperature)
         hint += tf.reduce_sum(tf.square(features[i - 1] - teacher_feature), axis=-1)
     return {
-        "byot_ce": (1.0 - alpha) * tf.reduce_sum(ce) / global_batch_size,
-        "byot_kl": alpha * temperature**2 * tf.reduce_sum(kl) / global_batch_size,
+        "byot_ce": (1.0 - alpha) * _weighted_sum(ce, sample_weight) / global_batch_size,
+        "byot_kl": alpha * temperature**2 * _weighted_sum(kl, sample_weight)
+        / global_batch_size,
         # Summed, not averaged, over the batch: the published lambda assumes it.
-        "byot_hint": config.byot_lambda * tf.reduce_sum(hint),
+        "byot_hint": config.byot_lambda * _weighted_sum(hint, sample_weight),
     }
 
 
@@ -248,6 +289,7 @@ def dmfl_loss(
     features: Sequence[tf.Tensor],
     gradient: str = "mutual",
     global_batch_size: tf.Tensor | float | None = None,
+    sample_weight: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Deep mutual feature learning between each shallow exit and the deepest.
 
@@ -262,6 +304,8 @@ def dmfl_loss(
         gradient: ``"mutual"`` or ``"none"``.
         global_batch_size: what the batch average divides by (default: the
             local batch size).
+        sample_weight: optional ``[B]`` per-example weights; each example's
+            summed KLs are scaled by its weight.
 
     Returns:
         A scalar.
@@ -277,7 +321,7 @@ def dmfl_loss(
     for shallow in features[:-1]:
         total += kl_divergence(tf.stop_gradient(shallow), deepest)
         total += kl_divergence(tf.stop_gradient(deepest), shallow)
-    loss = tf.reduce_sum(total) / global_batch_size / (len(features) - 1)
+    loss = _weighted_sum(total, sample_weight) / global_batch_size / (len(features) - 1)
     return tf.stop_gradient(loss) if gradient == "none" else loss
 
 
@@ -297,6 +341,7 @@ def selfkd_loss(
     alpha_t: tf.Tensor | float = 0.0,
     teacher_valid: tf.Tensor | None = None,
     global_batch_size: tf.Tensor | float | None = None,
+    sample_weight: tf.Tensor | None = None,
 ) -> dict[str, tf.Tensor]:
     """The whole objective ``L = L_CE + L_SelfKD + L_DMFL``, term by term.
 
@@ -312,6 +357,9 @@ def selfkd_loss(
             prediction.
         global_batch_size: what batch averages divide by; default the local
             batch size. Under ``tf.distribute`` pass the global batch size.
+        sample_weight: optional ``[B]`` per-example weights, applied to every
+            term as the module docstring describes; ``None`` weighs every
+            example 1.
 
     Returns:
         A dict of scalars: ``"ce"``, ``"byot"`` (with its parts
@@ -338,16 +386,19 @@ def selfkd_loss(
 
     zero = tf.constant(0.0)
     terms = {
-        "ce": tf.reduce_sum(soft_cross_entropy(logits[-1], targets)) / global_batch_size,
+        "ce": _weighted_sum(soft_cross_entropy(logits[-1], targets), sample_weight)
+        / global_batch_size,
         "byot_ce": zero,
         "byot_kl": zero,
         "byot_hint": zero,
         "dmfl": zero,
     }
     if config.uses("byot"):
-        terms.update(byot_terms(logits, features, targets, config, global_batch_size))
+        terms.update(byot_terms(
+            logits, features, targets, config, global_batch_size, sample_weight))
     if config.uses("dmfl"):
-        terms["dmfl"] = dmfl_loss(features, config.dmfl_gradient, global_batch_size)
+        terms["dmfl"] = dmfl_loss(
+            features, config.dmfl_gradient, global_batch_size, sample_weight)
     terms["byot"] = terms["byot_ce"] + terms["byot_kl"] + terms["byot_hint"]
     terms["total"] = terms["ce"] + terms["byot"] + terms["dmfl"]
     return terms

@@ -1,10 +1,7 @@
 """Comparison tables and figures of training runs.
 
-A run directory holds `metrics.json` (written by
-`selfkd_tf.metrics.write_metrics_json`), and optionally `flags.json` (the
-resolved training flags) and `history.csv` (the `keras.callbacks.CSVLogger`
-log). `load_runs` finds and validates run directories; `write_report` renders
-into an output directory:
+`selfkd_tf.runs.load_runs` finds and reads run directories; `write_report`
+renders them into an output directory:
 
 * `table1.md`: the deepest exit's top-1 / top-5 error, NLL, ECE, AURC and the
   training time of each run (layout of Table 1 of PS-KD), one table per
@@ -14,38 +11,35 @@ into an output directory:
 * `reliability_<run>.png`: reliability diagram of the deepest exit.
 * `curves_<run>.png`: per-exit accuracy along training.
 
+Runs are grouped into one table per data set and split; under a table whose
+runs scored different numbers of examples, trained at different image sizes
+or have different numbers of exits, a note says they are not comparable
+(`incomparable`). Runs that could not be reported are listed with the reason.
+
 Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas,
 so no display is needed and pyplot's global state is left alone.
 
 Example:
 
 ```python
-runs = load_runs(["runs/*"])
-write_report(runs, "report")
+found = runs.load_runs(["runs/*"])
+write_report(found.runs, "report", skipped=found.skipped)
 ```
 """
 
-import csv
-import dataclasses
-import glob
-import json
 import logging
 import math
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-RUN_FILES = ("metrics.json", "flags.json", "history.csv")
-"""A directory holding any of these files is a run directory."""
-
-METHOD_NAMES = {"pskd": "PS-KD", "byot": "BYOT", "dmfl": "DMFL"}
-"""Display names of the methods, in the order they appear in labels."""
+from selfkd_tf.runs import Run, RunDataError, SkippedRun
 
 TABLE1_SCORES = (
     ("top1_err", "Top-1 err (%)", ".2f"),
@@ -54,299 +48,13 @@ TABLE1_SCORES = (
     ("ece", "ECE (%)", ".2f"),
     ("aurc", "AURC (x1000)", ".2f"),
 )
-"""`(metrics.json key, column header, format)` of the Table 1 scores."""
+"""`(metrics.json key, column header, format)` of the Table 1 scores,
+those `selfkd_tf.runs.SCORES` requires."""
 
-_REQUIRED_KEYS = ("dataset", "split", "arch", "methods", "exits", "ensemble",
-                  "reliability")
-_RELIABILITY_KEYS = ("edges", "confidence", "accuracy", "count")
 _ACCURACY_COLUMN = re.compile(r"^(val_)?(?:(?:exit_?(\d+)|(ensemble))_)?accuracy$")
 _MISSING = "n/a"
 
 logger = logging.getLogger(__name__)
-
-
-class RunDataError(ValueError):
-    """A run directory is missing or holds unusable data."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """The data of one run directory.
-
-    Attributes:
-        path: The run directory.
-        name: Short name, unique among the loaded runs (see `load_runs`).
-        metrics: Content of `metrics.json`.
-        flags: Content of `flags.json`, `{}` when absent.
-        history: Columns of `history.csv` as float arrays (unparsable cells
-            are NaN), `{}` when absent.
-    """
-
-    path: str
-    name: str
-    metrics: dict[str, Any]
-    flags: dict[str, Any]
-    history: dict[str, np.ndarray]
-
-    @property
-    def file_stem(self) -> str:
-        """`name` made safe for a file name."""
-        return _file_stem(self.name)
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.metrics["exits"])
-
-    @property
-    def deepest(self) -> dict[str, Any]:
-        """Scores of the deepest exit, the model's answer."""
-        return self.metrics["exits"][-1]
-
-    @property
-    def method(self) -> str:
-        return method_label(self.metrics["methods"])
-
-    @property
-    def model(self) -> str:
-        """The architecture, with its width multiplier when it is not 1."""
-        width = _as_float(self.flags.get("width_multiplier"))
-        arch = str(self.metrics["arch"])
-        if width is None or width == 1.0:
-            return arch
-        return f"{arch} (width {width:g})"
-
-    def train_times(self) -> tuple[float | None, float | None]:
-        """`(total seconds, seconds per epoch)` of training, `None` if unknown.
-
-        The total comes from `metrics.json` (it includes the time spent
-        outside epochs, e.g. the final evaluation), else from the sum of the
-        `epoch_time_s` column of `history.csv`. The time per epoch is the
-        median of that column, so one epoch slowed by other work on a shared
-        machine does not shift it, else the mean from `metrics.json`.
-        """
-        total = _as_float(self.metrics.get("train_time_s"))
-        per_epoch = _as_float(self.metrics.get("train_time_per_epoch_s"))
-        epoch_times = self.history.get("epoch_time_s", np.array([]))
-        epoch_times = epoch_times[np.isfinite(epoch_times)]
-        if epoch_times.size:
-            total = float(epoch_times.sum()) if total is None else total
-            per_epoch = float(np.median(epoch_times))
-        return total, per_epoch
-
-
-def method_label(methods: Sequence[str]) -> str:
-    """Table label of a list of methods.
-
-    Known methods are written in the order PS-KD, BYOT, DMFL whatever their
-    order in `methods`; unknown ones follow, upper-cased, in their order.
-
-    Example:
-
-    >>> method_label([]), method_label(["dmfl", "pskd", "byot"])
-    ('Baseline', '+PS-KD+BYOT+DMFL')
-    """
-    if not methods:
-        return "Baseline"
-    order = list(METHOD_NAMES)
-    keys = [name.lower() for name in methods]
-    # sorted() is stable, so unknown methods keep their relative order.
-    keys = sorted(keys, key=lambda k: order.index(k) if k in order else len(order))
-    return "".join("+" + METHOD_NAMES.get(k, k.upper()) for k in keys)
-
-
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
-
-
-def _as_float(value: Any) -> float | None:
-    """`value` as a finite float, or `None` (missing, null or unparsable)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _file_stem(name: str) -> str:
-    """`"a/seed 0"` -> `"a-seed_0"`: path separators become `-`, other
-    characters outside `[A-Za-z0-9._-]` become `_`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "-"))
-
-
-def _is_run_dir(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, f)) for f in RUN_FILES)
-
-
-def _runs_under(directory: str) -> list[str]:
-    """Run directories at or below `directory`, in sorted walk order."""
-    found = []
-    for root, subdirs, _ in os.walk(directory):
-        subdirs.sort()
-        if _is_run_dir(root):
-            found.append(root)
-            subdirs.clear()  # a run's subdirectories are its own files
-    return found
-
-
-def find_run_dirs(specs: Sequence[str]) -> list[str]:
-    """Resolves run specifications to run directories.
-
-    Each spec is a run directory, a parent directory (searched recursively;
-    the search does not descend into runs), or a glob pattern whose matches
-    are treated the same way. Glob matches holding no run are skipped (so
-    `runs/*` may match an earlier report directory); a plain directory
-    holding no run is an error. Duplicates are dropped, keeping the first
-    occurrence.
-
-    Raises:
-        RunDataError: A directory does not exist or holds no run, or a
-            pattern yields no run.
-    """
-    found: list[str] = []
-    for spec in specs:
-        if any(c in spec for c in "*?["):
-            matches = sorted(p for p in glob.glob(spec) if os.path.isdir(p))
-            runs = [run for match in matches for run in _runs_under(match)]
-            if not runs:
-                raise RunDataError(f"{spec}: pattern matches no run directory")
-        elif not os.path.isdir(spec):
-            raise RunDataError(f"{spec}: no such directory")
-        else:
-            runs = _runs_under(spec)
-            if not runs:
-                raise RunDataError(
-                    f"{spec}: no metrics.json, and no run directory inside"
-                )
-        found.extend(runs)
-    unique: dict[str, str] = {}
-    for path in found:
-        unique.setdefault(os.path.realpath(path), path)
-    return list(unique.values())
-
-
-def _run_names(paths: Sequence[str]) -> list[str]:
-    """Shortest path suffixes that tell the runs apart.
-
-    Uses the last path component of every run, or the last two (`a/seed0`)
-    when two runs share a base name, and so on.
-    """
-    parts = [os.path.realpath(p).strip(os.sep).split(os.sep) for p in paths]
-    depth_needed = max(len(p) for p in parts)
-    for depth in range(1, depth_needed + 1):
-        names = ["/".join(p[-depth:]) for p in parts]
-        if len({_file_stem(n) for n in names}) == len(names):
-            return names
-    # Distinct paths whose file stems still collide after sanitising.
-    return [f"{name}-{i}" for i, name in enumerate(names, start=1)]
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise RunDataError(f"{path}: invalid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise RunDataError(f"{path}: expected a JSON object")
-    return data
-
-
-def _check_metrics(metrics: dict[str, Any], path: str) -> None:
-    """Raises `RunDataError` unless `metrics` has what the report reads."""
-    missing = [key for key in _REQUIRED_KEYS if key not in metrics]
-    if missing:
-        raise RunDataError(f"{path}: missing {', '.join(missing)}")
-    methods = metrics["methods"]
-    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-        raise RunDataError(f"{path}: 'methods' must be a list of names")
-    exits = metrics["exits"]
-    if not isinstance(exits, list) or not exits:
-        raise RunDataError(f"{path}: 'exits' must be a non-empty list")
-    entries = [(f"exits[{i}]", e) for i, e in enumerate(exits)]
-    for where, entry in entries + [("ensemble", metrics["ensemble"])]:
-        if not isinstance(entry, dict):
-            raise RunDataError(f"{path}: {where} must be an object")
-        bad = [k for k, _, _ in TABLE1_SCORES if _as_float(entry.get(k)) is None]
-        if bad:
-            raise RunDataError(
-                f"{path}: {where} lacks a number for {', '.join(bad)}")
-    reliability = metrics["reliability"]
-    if not isinstance(reliability, dict) or any(
-        not isinstance(reliability.get(k), list) for k in _RELIABILITY_KEYS
-    ):
-        raise RunDataError(
-            f"{path}: 'reliability' needs lists {', '.join(_RELIABILITY_KEYS)}"
-        )
-    num_bins = len(reliability["count"])
-    lengths = [len(reliability[k]) for k in _RELIABILITY_KEYS]
-    if lengths != [num_bins + 1, num_bins, num_bins, num_bins]:
-        raise RunDataError(f"{path}: 'reliability' lists have inconsistent lengths")
-
-
-def _read_history(path: str) -> dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except (ValueError, csv.Error) as err:  # undecodable bytes, NUL, ...
-        raise RunDataError(f"{path}: unreadable CSV ({err})") from err
-    # dtype=float turns the `None` of missing or unparsable cells into NaN.
-    return {
-        c: np.array([_as_float(row.get(c)) for row in rows], dtype=float)
-        for c in columns
-    }
-
-
-def load_run(path: str, name: str | None = None,
-             metrics_file: str = "metrics.json") -> Run:
-    """Reads and validates one run directory.
-
-    Args:
-        path: The run directory.
-        name: Name of the run; defaults to the directory's base name.
-        metrics_file: The run's scores to report: `metrics.json` (written
-            at the end of training) or another record of the same schema in
-            the run directory, e.g. `metrics_test.json` from `selfkd-eval`.
-
-    Raises:
-        RunDataError: the metrics file is missing, is not valid JSON, or lacks
-            what the report needs; `flags.json` is not valid JSON.
-    """
-    metrics_path = os.path.join(path, metrics_file)
-    if not os.path.isfile(metrics_path):
-        raise RunDataError(f"{path}: missing {metrics_file}")
-    metrics = _read_json(metrics_path)
-    _check_metrics(metrics, metrics_path)
-    flags_path = os.path.join(path, "flags.json")
-    flags = _read_json(flags_path) if os.path.isfile(flags_path) else {}
-    return Run(
-        path=path,
-        name=name or os.path.basename(os.path.realpath(path)),
-        metrics=metrics,
-        flags=flags,
-        history=_read_history(os.path.join(path, "history.csv")),
-    )
-
-
-def load_runs(specs: Sequence[str], metrics_file: str = "metrics.json") -> list[Run]:
-    """Finds (see `find_run_dirs`), names and loads runs.
-
-    ``metrics_file`` is as in `load_run`.
-
-    Each run is named by the shortest suffix of its path that no other run
-    shares, e.g. `seed0`, or `resnet18_pskd/seed0` next to
-    `resnet18_baseline/seed0`.
-
-    Raises:
-        RunDataError: For the first run or specification that is unusable;
-            no run is returned then.
-    """
-    paths = find_run_dirs(specs)
-    return [load_run(p, n, metrics_file) for p, n in zip(paths, _run_names(paths))]
 
 
 # ---------------------------------------------------------------------------
@@ -373,6 +81,58 @@ def _by_dataset(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
     return list(groups.items())
 
 
+_COMPARED = (
+    ("numbers of scored examples", lambda run: run.num_examples),
+    ("image sizes", lambda run: run.image_size),
+    ("numbers of exits", lambda run: run.num_exits),
+)
+"""What must match for the rows of one table to compare like with like
+(the data set and split match within a table)."""
+
+
+def incomparable(runs: Sequence[Run]) -> list[str]:
+    """One phrase per property in `_COMPARED` that ``runs`` do not share.
+
+    Unknown values (older records without ``num_examples``, runs without
+    ``flags.json``) are left out of the comparison.
+
+    Example:
+
+    >>> incomparable([run_a, run_b])  # doctest: +SKIP
+    ['numbers of scored examples differ (2000: a; 10000: b)']
+    """
+    phrases = []
+    for label, value_of in _COMPARED:
+        names: dict = {}
+        for run in runs:
+            value = value_of(run)
+            if value is not None:
+                names.setdefault(value, []).append(run.name)
+        if len(names) > 1:
+            phrases.append(f"{label} differ (" + "; ".join(
+                f"{value}: {', '.join(group)}" for value, group in names.items()) + ")")
+    return phrases
+
+
+def _group_note(group: Sequence[Run]) -> list[str]:
+    """Markdown lines under a table whose runs are not comparable."""
+    phrases = incomparable(group)
+    return [f"**Not comparable:** {'; '.join(phrases)}.", ""] if phrases else []
+
+
+def _report_notes(runs: Sequence[Run], skipped: Sequence[SkippedRun]) -> list[str]:
+    """Markdown lines closing a table file: separate tables, skipped runs."""
+    lines = []
+    if len(_by_dataset(runs)) > 1:
+        lines += ["Runs on different data sets or splits are in separate tables; "
+                  "numbers from different tables are not comparable.", ""]
+    if skipped:
+        lines += ["Skipped runs (not in the tables):", ""]
+        lines += [f"- `{s.path}`: {s.reason}" for s in skipped]
+        lines.append("")
+    return lines
+
+
 def _hms(seconds: float | None) -> str:
     """`3725.4` -> `"1:02:05"`."""
     if seconds is None:
@@ -382,12 +142,14 @@ def _hms(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
-def table1_markdown(runs: Sequence[Run]) -> str:
+def table1_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> str:
     """Table 1: scores of each run's deepest exit, one table per dataset.
 
     Columns: Run, then as in PS-KD's Table 1: Model, Method, Top-1 err (%),
     Top-5 err (%), NLL, ECE (%), AURC (x1000), then Train time (h:mm:ss) and
-    Time / epoch (s) (`n/a` when unknown, see `Run.train_times`).
+    Time / epoch (s) (`n/a` when unknown, see `Run.train_times`). A table
+    whose runs are not comparable (`incomparable`) says so under it; the
+    file ends with the `skipped` runs and their reasons.
     """
     header = ["Run", "Model", "Method", *(title for _, title, _ in TABLE1_SCORES),
               "Train time (h:mm:ss)", "Time / epoch (s)"]
@@ -401,11 +163,12 @@ def table1_markdown(runs: Sequence[Run]) -> str:
                 run.name, run.model, run.method, *scores, _hms(total),
                 _MISSING if per_epoch is None else f"{per_epoch:.1f}",
             ])
-        sections += [f"## {title}", "", _markdown_table(header, rows, 3), ""]
-    return "\n".join(sections)
+        sections += [f"## {title}", "", _markdown_table(header, rows, 3), "",
+                     *_group_note(group)]
+    return "\n".join(sections + _report_notes(runs, skipped))
 
 
-def table2_markdown(runs: Sequence[Run]) -> str:
+def table2_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> str:
     """Table 2: top-1 accuracy (%) of every exit and of the ensemble.
 
     One table per dataset, one row per run. With `N` the largest number of
@@ -413,7 +176,8 @@ def table2_markdown(runs: Sequence[Run]) -> str:
     `Exit N (deepest)`. Classifiers are aligned by depth: a run with `n < N`
     exits leaves the first `N - n` columns blank, so its deepest classifier
     is always under `(deepest)` (e.g. a single-exit baseline). A single-exit
-    run has no ensemble, so its `Ensemble` cell is blank.
+    run has no ensemble, so its `Ensemble` cell is blank. Notes as in
+    `table1_markdown`.
     """
     sections = ["# Table 2: accuracy (%) of each classifier", ""]
     for title, group in _by_dataset(runs):
@@ -432,12 +196,14 @@ def table2_markdown(runs: Sequence[Run]) -> str:
                 *[""] * (width - run.num_exits), *accuracies,
                 f"{ensemble:.2f}" if run.num_exits > 1 else "",
             ])
-        sections += [f"## {title}", "", _markdown_table(header, rows, 3), ""]
-    sections.append(
+        sections += [f"## {title}", "", _markdown_table(header, rows, 3), "",
+                     *_group_note(group)]
+    sections += [
         "Classifiers are aligned by depth: runs with fewer exits leave the "
-        "shallow columns blank. Ensemble: mean of the exits' probabilities."
-    )
-    return "\n".join(sections) + "\n"
+        "shallow columns blank. Ensemble: mean of the exits' probabilities.", "",
+        *_report_notes(runs, skipped),
+    ]
+    return "\n".join(sections)
 
 
 # ---------------------------------------------------------------------------
@@ -555,9 +321,7 @@ def plot_curves(run: Run, path: str) -> bool:
     series = _accuracy_columns(run.history, run.num_exits)
     if not series:
         return False
-    any_column = next(iter(run.history.values()))
-    # CSVLogger numbers epochs from 0.
-    epochs = run.history.get("epoch", np.arange(len(any_column))) + 1
+    epochs = run.epoch_numbers()
     figure = _new_figure((7.0, 5.0))
     axes = figure.add_subplot()
     for index, (label, train, val) in enumerate(series):
@@ -582,8 +346,12 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_report(runs: Sequence[Run], out_dir: str) -> list[str]:
+def write_report(runs: Sequence[Run], out_dir: str,
+                 skipped: Sequence[SkippedRun] = ()) -> list[str]:
     """Writes the tables and figures of `runs` into `out_dir`.
+
+    The tables end with the `skipped` runs (e.g. `FoundRuns.skipped`) and
+    the reason each was left out.
 
     Everything is rendered into a temporary directory first and moved into
     `out_dir` (created if needed) only once complete, so a failure leaves
@@ -598,8 +366,8 @@ def write_report(runs: Sequence[Run], out_dir: str) -> list[str]:
         raise RunDataError("no run to report")
     staging = tempfile.mkdtemp(prefix="selfkd-report-")
     try:
-        _write_text(os.path.join(staging, "table1.md"), table1_markdown(runs))
-        _write_text(os.path.join(staging, "table2.md"), table2_markdown(runs))
+        _write_text(os.path.join(staging, "table1.md"), table1_markdown(runs, skipped))
+        _write_text(os.path.join(staging, "table2.md"), table2_markdown(runs, skipped))
         plot_figure2(runs, os.path.join(staging, "figure2.png"))
         for run in runs:
             stem = run.file_stem

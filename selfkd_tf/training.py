@@ -23,18 +23,19 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from selfkd_tf import losses
+from selfkd_tf import batches, losses, replicas
 # Imported for its side effect: a saved SelfKDModel's backbone uses layer
 # classes registered there, so loading one must not depend on the caller
 # having imported the models package.
 from selfkd_tf import models  # noqa: F401
 from selfkd_tf.callbacks import SoftTargetRefresh
+from selfkd_tf.multiworker import MultiWorkerTrainer, in_multi_worker_mode
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 
 
 @keras.saving.register_keras_serializable(package="selfkd_tf")
-class SelfKDModel(keras.Model):
+class SelfKDModel(MultiWorkerTrainer, keras.Model):
     """A self-distilling multi-exit classifier.
 
     Args:
@@ -55,14 +56,34 @@ class SelfKDModel(keras.Model):
     Data: every element is ``({"image": [B, H, W, C], "index": [B]}, labels)``
     as produced by `selfkd_tf.data.make_datasets`; ``index`` is the stable
     sample index PS-KD needs (it rides inside ``x`` because Keras reads a
-    3-tuple as ``(x, y, sample_weight)``). Evaluation also accepts plain
-    image tensors as ``x``.
+    3-tuple as ``(x, y, sample_weight)``). Labels are int class ids ``[B]``
+    (or ``[B, 1]``). Evaluation also accepts plain image tensors as ``x``.
+
+    Weights: ``(x, labels, sample_weight)`` elements, ``fit(...,
+    sample_weight=w)`` with arrays and ``fit(..., class_weight={class: w})``
+    weigh every per-example loss term as `selfkd_tf.losses` describes
+    (Keras's ``"sum_over_batch_size"``); evaluation weighs its loss the same
+    way. Accuracies stay unweighted, as Keras's ``compile(metrics=...)``
+    are. The PS-KD table stores every example's prediction whatever its
+    weight: a weight scales what an example teaches, not what the network
+    predicts for it. Weighted examples still take part in the batch-norm
+    statistics, as in any Keras model.
+
+    Several replicas: any global batch size trains with any replica count,
+    however `tf.distribute` shares a batch out (parts may be uneven or
+    empty); see `selfkd_tf.replicas`. With ``sync_batchnorm`` the losses,
+    gradients, table rows and metrics are one device's; with per-replica
+    batch norm each replica normalises its own part, and the replicas'
+    moving statistics are pooled after every step.
 
     Logged metrics: ``loss`` (the total objective), ``ce``, ``byot``,
     ``dmfl``, ``alpha_t``, ``lr``, ``exit{i}_accuracy`` for every exit and
-    ``ensemble_accuracy`` (mean of the exits' probabilities). Evaluation
-    reports ``loss`` (deepest exit's cross-entropy with the hard labels) and
-    the accuracies.
+    ``ensemble_accuracy`` (mean of the exits' probabilities). ``lr`` is the
+    rate the step applied and ``alpha_t`` the teacher's weight it applied:
+    ``a_t`` times the share of the batch with a stored prediction, so 0 in
+    epoch 0, whose targets are one-hot. An epoch's value is its last
+    step's. Evaluation reports ``loss`` (deepest exit's cross-entropy with
+    the hard labels) and the accuracies.
 
     Example:
 
@@ -154,28 +175,74 @@ class SelfKDModel(keras.Model):
         images = inputs["image"] if isinstance(inputs, dict) else inputs
         return self.backbone(images, training=training)
 
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None,
+                metrics=None, weighted_metrics=None, **kwargs):
+        """`keras.Model.compile` without ``loss`` and ``metrics``.
+
+        The objective and the logged metrics are the model's own (see the
+        class docstring), so a compiled loss or metric would be ignored.
+
+        Raises:
+            ValueError: if ``loss``, ``loss_weights``, ``metrics`` or
+                ``weighted_metrics`` is given.
+        """
+        given = [name for name, value in (
+            ("loss", loss), ("loss_weights", loss_weights), ("metrics", metrics),
+            ("weighted_metrics", weighted_metrics)) if value is not None]
+        if given:
+            raise ValueError(
+                f"{given[0]}: SelfKDModel computes its own objective and "
+                "metrics; compile it with the optimizer only (plus run_eagerly, "
+                "steps_per_execution, jit_compile)."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose compile() is overridden;
+        # this one takes Keras's arguments, so the saved optimizer (and its
+        # state) comes back as it would for a plain model.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
-            callbacks=None, **kwargs):
+            callbacks=None, class_weight=None, **kwargs):
         """`keras.Model.fit`, with the PS-KD table refresh guaranteed.
 
         With PS-KD on, a `SoftTargetRefresh` callback is added when missing
         and moved to the front of the list, so the table is refreshed before
-        any checkpointing callback saves the epoch's state.
+        any checkpointing callback saves the epoch's state. ``class_weight``
+        becomes per-example weights (Keras's conversion); classes it leaves
+        out weigh 1.
 
         Raises:
             ValueError: if compiled with ``jit_compile=True`` under a
                 strategy with several replicas: Keras compiles the step of
                 all replicas as one XLA program, which cannot reach the
                 other devices' variables (it would fail at the first step
-                with a device error).
+                with a device error); if the backbone mixes synchronised and
+                per-replica batch norm under several replicas (an empty
+                share can neither skip the forward pass, which the
+                synchronised layers' all-reduce needs, nor run it, which
+                gives the per-replica layers NaN statistics); if
+                ``class_weight`` is not a mapping from class ids in
+                ``[0, num_classes)`` to finite weights >= 0.
         """
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if replicas > 1 and getattr(self, "jit_compile", False):
+        num_replicas = self.distribute_strategy.num_replicas_in_sync
+        if num_replicas > 1 and getattr(self, "jit_compile", False):
             raise ValueError(
                 f"jit_compile=True needs a single replica; the strategy has "
-                f"{replicas}. Compile with jit_compile='auto' (XLA off) or "
+                f"{num_replicas}. Compile with jit_compile='auto' (XLA off) or "
                 "train on one device."
             )
+        if (num_replicas > 1 and replicas.per_replica_batch_norms(self.backbone)
+                and replicas.has_synchronized_batch_norm(self.backbone)):
+            raise ValueError(
+                "sync_batchnorm: the backbone mixes synchronized and "
+                f"per-replica batch normalization, which {num_replicas} replicas "
+                "cannot train on uneven batches; synchronize all of them or none."
+            )
+        class_weight = batches.class_weight_for(class_weight, self.num_classes)
         callbacks = list(callbacks or [])
         if self.selfkd_config.uses("pskd"):
             refresh = [c for c in callbacks if isinstance(c, SoftTargetRefresh)]
@@ -189,7 +256,23 @@ class SelfKDModel(keras.Model):
             with self.distribute_strategy.scope():
                 optimizer.build(self.trainable_variables)
         return super().fit(x, y, batch_size=batch_size, epochs=epochs,
-                           verbose=verbose, callbacks=callbacks, **kwargs)
+                           verbose=verbose, callbacks=callbacks,
+                           class_weight=class_weight, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds the model from the mean of the replicas' parts of the
+        # first batch, which fails (AddN of different shapes) when the parts
+        # differ in size: 16 examples on 3 replicas are 6 + 6 + 4. Building
+        # needs only shapes, so the first replica's part serves. Multi-worker
+        # strategies are MultiWorkerTrainer's.
+        strategy = self.distribute_strategy
+        if (iterator is not None and strategy.num_replicas_in_sync > 1
+                and not in_multi_worker_mode(strategy)):
+            for _, _, distributed in iterator:
+                data_batch = replicas.first_replica_part(next(distributed), strategy)
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # -- PS-KD table ----------------------------------------------------
 
@@ -236,20 +319,22 @@ class SelfKDModel(keras.Model):
 
     # -- steps ----------------------------------------------------------
 
-    def _unpack(self, data):
-        x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        if isinstance(x, dict):
-            return x["image"], x.get("index"), labels
-        return x, None, labels
-
     def _update_accuracies(self, labels, logits) -> None:
         probs = [tf.nn.softmax(tf.cast(z, tf.float32)) for z in logits]
         for tracker, p in zip(self.exit_accuracies, probs):
             tracker.update_state(labels, p)
         self.ensemble_accuracy.update_state(labels, tf.add_n(probs) / len(probs))
 
+    def _training_forward(self, images: tf.Tensor, batch_size: tf.Tensor,
+                          num_replicas: int):
+        """Training-mode outputs of this replica's examples, which may be none."""
+        forward = lambda: self(images, training=True)  # noqa: E731
+        if num_replicas == 1 or not replicas.per_replica_batch_norms(self.backbone):
+            return forward()
+        return replicas.forward_unless_empty(forward, batch_size, self.backbone.output)
+
     def train_step(self, data):
-        images, index, labels = self._unpack(data)
+        images, index, labels, sample_weight = batches.unpack(data)
         config = self.selfkd_config
         use_pskd = config.uses("pskd")
         if use_pskd and index is None:
@@ -258,9 +343,13 @@ class SelfKDModel(keras.Model):
                 "{'image': images, 'index': sample_indices}."
             )
         context = tf.distribute.get_replica_context()
-        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        num_replicas = context.num_replicas_in_sync
+        # Replicas' shares of a batch may differ in size, down to none:
+        # every average divides by the global count, so each share weighs
+        # what it holds.
+        batch_size = tf.shape(labels)[0]
         global_batch_size = context.all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(labels)[0], tf.float32)
+            tf.distribute.ReduceOp.SUM, tf.cast(batch_size, tf.float32)
         )
         teacher_probs = teacher_valid = None
         if use_pskd:
@@ -269,11 +358,12 @@ class SelfKDModel(keras.Model):
             teacher_valid = tf.gather(self.soft_target_valid.value, index)
 
         with tf.GradientTape() as tape:
-            outputs = self(images, training=True)
+            outputs = self._training_forward(images, batch_size, num_replicas)
             terms = losses.selfkd_loss(
                 outputs["logits"], outputs["features"], labels, config,
                 teacher_probs=teacher_probs, alpha_t=self.pskd_alpha_t.value,
                 teacher_valid=teacher_valid, global_batch_size=global_batch_size,
+                sample_weight=sample_weight,
             )
             objective = terms["total"]
             if self.weight_decay:
@@ -292,43 +382,57 @@ class SelfKDModel(keras.Model):
         if num_replicas > 1 and isinstance(
             self.optimizer, keras.optimizers.LossScaleOptimizer
         ):
-            gradients = _share_overflow(gradients, context)
+            gradients = replicas.share_overflow(gradients, context)
+        # The rate this step applies: `apply` advances the schedule's step.
+        learning_rate = tf.convert_to_tensor(self.optimizer.learning_rate)
         self.optimizer.apply(gradients, self.trainable_variables)
+        if num_replicas > 1:
+            replicas.pool_moving_statistics(
+                replicas.per_replica_batch_norms(self.backbone),
+                tf.cast(batch_size, tf.float32) / global_batch_size, context,
+            )
 
         if use_pskd:
             self._stage_predictions(
                 index, losses.teacher_probabilities(outputs["logits"], config.pskd_teacher)
             )
-        # Each replica holds its share of a global-batch loss; scaling by the
-        # replica count makes the cross-replica mean the global value.
+        # Each replica holds its part of a global-batch loss; scaled by the
+        # replica count, the pooled mean over replicas is the global value.
         self.loss_tracker.update_state(terms["total"] * num_replicas)
         for name, tracker in self.term_trackers.items():
             tracker.update_state(terms[name] * num_replicas)
         self._update_accuracies(labels, outputs["logits"])
-        logs = {m.name: m.result() for m in self.metrics}
-        logs["alpha_t"] = tf.convert_to_tensor(self.pskd_alpha_t)
-        logs["lr"] = tf.convert_to_tensor(self.optimizer.learning_rate)
+        logs = replicas.pooled_metric_results(self.metrics, context)
+        # a_t as applied: rows without a stored prediction (all of epoch 0)
+        # train on one-hot targets, whatever a_t's schedule says.
+        alpha_t = tf.convert_to_tensor(self.pskd_alpha_t)
+        if use_pskd:
+            alpha_t *= context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.reduce_sum(teacher_valid)
+            ) / global_batch_size
+        logs["alpha_t"] = alpha_t
+        logs["lr"] = learning_rate
         return logs
 
     def test_step(self, data):
-        images, _, labels = self._unpack(data)
+        images, _, labels, sample_weight = batches.unpack(data)
         outputs = self(images, training=False)
         deepest = tf.cast(outputs["logits"][-1], tf.float32)
-        self.loss_tracker.update_state(
-            tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    tf.cast(labels, tf.int32), deepest
-                )
-            )
+        # Per example, so the mean runs over every replica's examples.
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.cast(labels, tf.int32), deepest
         )
+        if sample_weight is not None:
+            nll = nll * sample_weight
+        self.loss_tracker.update_state(nll)
         self._update_accuracies(labels, outputs["logits"])
-        return {
-            m.name: m.result()
-            for m in [self.loss_tracker, *self.exit_accuracies, self.ensemble_accuracy]
-        }
+        return replicas.pooled_metric_results(
+            [self.loss_tracker, *self.exit_accuracies, self.ensemble_accuracy],
+            tf.distribute.get_replica_context(),
+        )
 
     def predict_step(self, data):
-        images, _, _ = self._unpack(data)
+        images, _, _, _ = batches.unpack(data)
         return self(images, training=False)
 
     # -- serialisation --------------------------------------------------
@@ -349,29 +453,10 @@ class SelfKDModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(
-            config["backbone"], custom_objects=custom_objects
+            models.upgrade_strided_pointwise(config["backbone"]),
+            custom_objects=custom_objects,
         )
         return cls(**config)
-
-
-def _share_overflow(gradients: list[tf.Tensor], context) -> list[tf.Tensor]:
-    """Makes every replica's gradients non-finite when any replica's are.
-
-    `keras.optimizers.LossScaleOptimizer` decides whether to skip a step from
-    the gradients it is given, which are still per replica: under a strategy
-    that merges (MirroredStrategy, MultiWorkerMirroredStrategy) it looks at
-    the first local replica only, so an overflow on another replica would be
-    summed into every weight; otherwise each replica would decide on its own
-    and the replicas would fall out of step. One scalar all-reduce makes the
-    decision global.
-    """
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
-    overflows = context.all_reduce(
-        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)
-    )
-    poison = tf.where(overflows > 0, float("nan"), 0.0)
-    # One poisoned gradient is enough for the optimizer's finiteness check.
-    return [gradients[0] + tf.cast(poison, gradients[0].dtype), *gradients[1:]]
 
 
 def learning_rate_schedule(

@@ -51,6 +51,10 @@ Directory (``tuner_dir``):
   weights of its best epoch;
 - ``best_hyperparameters.json``: the winner, written at the end.
 
+Trials are numbered from 1, as Keras Tuner's log numbers them ("Search:
+Running Trial #8"); Keras Tuner's ids, and so the directory names, count
+from 0: trial 8 is ``trials/trial_07`` (`TrialSummary.number`).
+
 Example:
 
 ```python
@@ -444,7 +448,8 @@ class TrialSummary:
     """A completed trial.
 
     Attributes:
-        trial_id: Keras Tuner's id (the ``trials/trial_<id>`` directory).
+        trial_id: Keras Tuner's id, numbered from 0 (the ``trials/trial_<id>``
+            directory); `number` is the 1-based number its log shows.
         score: the objective's best value over the trial's epochs.
         best_epoch: the 1-based epoch of that value.
         epochs: the epochs the trial trained up to.
@@ -456,6 +461,18 @@ class TrialSummary:
     best_epoch: int
     epochs: int
     hyperparameters: dict[str, float]
+
+    @property
+    def number(self) -> int:
+        """The trial's 1-based number, as Keras Tuner's log gives it
+        ("Search: Running Trial #3", "Trial 3 Complete"): trial ``"02"``
+        is trial 3."""
+        return int(self.trial_id) + 1
+
+    @property
+    def directory(self) -> str:
+        """The trial's directory, relative to the search directory."""
+        return os.path.join(PROJECT_NAME, f"trial_{self.trial_id}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +486,9 @@ class SearchResult:
         trials: the completed trials, best first.
         retrain: settings that retrain the best trial on the whole training
             set and evaluate it on the test split; ``None`` without trials.
+        train_examples: the training examples every trial trained on.
+        validation_examples: the held-out examples that scored the trials.
+        validation_fraction: the share of the training set held out.
     """
 
     tuner_dir: str
@@ -476,6 +496,36 @@ class SearchResult:
     direction: str
     trials: tuple[TrialSummary, ...]
     retrain: TrainSettings | None
+    train_examples: int
+    validation_examples: int
+    validation_fraction: float
+
+    def retraining_note(self) -> str:
+        """What the trials trained and were scored on, and what `retrain` uses.
+
+        Example:
+
+            Trials trained on 45000 examples of the training set and were
+            scored on 5000 held-out ones (--validation_fraction=0.1). This
+            run retrains trial 8 on the whole training set, the held-out
+            part included (--validation_fraction=0), and evaluates it on
+            the test split.
+        """
+        retrain = self.retrain
+        train = ("the whole training set, the held-out part included "
+                 "(--validation_fraction=0)")
+        if retrain.train_examples is not None:
+            train = (f"at most {retrain.train_examples} examples "
+                     f"(--train_examples) drawn from {train}")
+        test = "the test split"
+        if retrain.eval_examples is not None:
+            test += f" (at most {retrain.eval_examples} examples, --eval_examples)"
+        return (
+            f"Trials trained on {self.train_examples} examples of the training "
+            f"set and were scored on {self.validation_examples} held-out ones "
+            f"(--validation_fraction={self.validation_fraction:g}). This run "
+            f"retrains trial {self.trials[0].number} on {train}, and evaluates "
+            f"it on {test}.")
 
 
 def retrain_settings(
@@ -527,7 +577,6 @@ def tune(
     tune_settings.validate(settings)
     experiment.seed_everything(settings)
     strategy = distribute.make_strategy(settings.distribute)
-    experiment.check_replicas(settings, strategy)
     hypermodel = SelfKDHyperModel(settings, tune_settings)
     # A first build proves the data and the model before anything is written.
     experiment.build_model(settings, hypermodel.info)
@@ -561,6 +610,9 @@ def tune(
         tuner_dir=tuner_dir, objective=objective,
         direction=tune_settings.objective_direction(settings), trials=trials,
         retrain=retrain_settings(settings, trials[0], tuner_dir) if trials else None,
+        train_examples=hypermodel.info.num_train,
+        validation_examples=hypermodel.info.num_eval,
+        validation_fraction=settings.validation_fraction,
     )
     if trials:
         files.write_atomically(
@@ -575,7 +627,8 @@ def best_hyperparameters_record(result: SearchResult) -> dict:
     Example:
 
         {"objective": "val_exit4_accuracy", "direction": "max",
-         "score": 0.7412, "trial_id": "07", "best_epoch": 200, "epochs": 200,
+         "score": 0.7412, "trial": 8, "trial_id": "07",
+         "trial_dir": "trials/trial_07", "best_epoch": 200, "epochs": 200,
          "hyperparameters": {"pskd_alpha": 0.71, "lr": 0.083},
          "retrain_settings": {...TrainSettings.to_json()...}}
     """
@@ -584,7 +637,9 @@ def best_hyperparameters_record(result: SearchResult) -> dict:
         "objective": result.objective,
         "direction": result.direction,
         "score": best.score,
+        "trial": best.number,
         "trial_id": best.trial_id,
+        "trial_dir": best.directory,
         "best_epoch": best.best_epoch,
         "epochs": best.epochs,
         "hyperparameters": best.hyperparameters,

@@ -31,11 +31,16 @@ def command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``python -m module args`` from the repository root."""
+def run_cli(module: str, *args: str, timeout: float = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``python -m module args`` from the repository root.
+
+    ``env`` replaces the test environment (`environment`), e.g. to run with
+    the user's defaults.
+    """
     return subprocess.run(
-        command(module, *args), cwd=REPO, env=environment(), capture_output=True,
-        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        command(module, *args), cwd=REPO, env=environment() if env is None else env,
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def last_line(text: str) -> str:

@@ -1,18 +1,32 @@
-"""selfkd-train: settings, flags, flagfiles, run directories and bad input."""
+"""The commands: settings, flags, help, flagfiles, run directories, output and bad input."""
 
 import csv
 import dataclasses
 import json
 import os
-import types
+import re
+import subprocess
+import sys
 
 import pytest
 from absl import flags
 
-from cli_support import CONFIGS, last_line, run_cli, write_npz
+from cli_support import CONFIGS, REPO, last_line, run_cli, write_npz
 from selfkd_tf import experiment
 from selfkd_tf.cli import flags as train_flags
+from selfkd_tf.cli import program
 from selfkd_tf.experiment import SettingsError, TrainSettings
+from test_epoch_logs import tensorboard_scalars
+
+# TensorFlow's C++ start-up messages on a machine without a GPU.
+TF_NOISE = re.compile(r"absl::InitializeLog|cudart_stub|cuda drivers|cuInit|oneDNN|"
+                      r"cpu_feature_guard|rebuild TensorFlow|^[IWEF]\d{4} ", re.M)
+
+
+def users_environment(**changes) -> dict:
+    """The environment of a user who set none of TensorFlow's variables."""
+    quiet = ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES", "SELFKD_VERBOSE_TF")
+    return {**{k: v for k, v in os.environ.items() if k not in quiet}, **changes}
 
 TINY = dict(arch="resnet18", width_multiplier=0.0625, num_stages=2, image_size=16,
             batch_size=32, epochs=1, lr=0.05, lr_schedule="constant")
@@ -87,13 +101,6 @@ def test_flagfiles_parse_to_valid_settings(config):
             _parse(f"--flagfile={CONFIGS / config}").validate()
 
 
-def test_replicas_must_divide_the_batch():
-    two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
-    with pytest.raises(SettingsError, match="divisible by the 2 replicas") as error:
-        experiment.check_replicas(TrainSettings(batch_size=33), two_replicas)
-    assert error.value.flag == "batch_size"
-
-
 def test_bad_data_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
     settings = TrainSettings(dataset=f"npz:{tmp_path / 'missing.npz'}",
@@ -107,25 +114,49 @@ def test_bad_data_is_refused_before_anything_is_written(tmp_path):
 def test_train_writes_a_run_and_never_overwrites_it_silently(tmp_path):
     dataset = write_npz(tmp_path / "tiny.npz")
     run_dir = tmp_path / "run"
+    # As a user runs it: no variable quiets TensorFlow, no GPU is hidden.
     result = run_cli(
         "selfkd_tf.cli.train", f"--flagfile={CONFIGS / 'smoke.flags'}",
-        f"--dataset={dataset}", f"--model_dir={run_dir}", "--save_every_steps=1")
+        f"--dataset={dataset}", f"--model_dir={run_dir}", "--save_every_steps=1",
+        env=users_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    assert not TF_NOISE.search(result.stderr), result.stderr
     assert sorted(os.listdir(run_dir)) == sorted(experiment.RUN_FILES)
 
-    # The one-line epoch summaries and the final table.
+    # The one-line epoch summaries, numbered as the history and TensorBoard.
     summaries = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
-    assert len(summaries) == 2
+    assert [line.split()[1] for line in summaries] == ["1/2", "2/2"]
     assert "val acc exit1" in summaries[-1] and "ensemble" in summaries[-1]
-    assert "byot" in summaries[-1] and "alpha_t 0.8" in summaries[-1]
-    assert last_line(result.stdout).startswith("ensemble")
+    # a_t = 0.4 in the first epoch, but with no stored prediction yet the
+    # targets are one-hot: the teacher's weight applied is 0.
+    assert summaries[0].endswith("| lr 0.05 alpha_t 0")
+    assert "byot" in summaries[-1] and summaries[-1].endswith("| lr 0.05 alpha_t 0.8")
+
+    # The final table, then where the run is and what to do next.
+    lines = result.stdout.splitlines()
+    table_end = next(i for i, line in enumerate(lines) if line.startswith("ensemble"))
+    assert lines[table_end + 1:] == ["", *f"""\
+Run directory: {run_dir}
+  model:    {run_dir}/model.keras
+  metrics:  {run_dir}/metrics.json
+  history:  {run_dir}/history.csv
+Next:
+  selfkd-eval --model={run_dir}  # every exit on the whole evaluation split
+  selfkd-export --model={run_dir} --out={run_dir}/export  # SavedModel of the deepest exit
+  selfkd-report --runs={run_dir} --out={run_dir}/report  # tables and figures
+  tensorboard --logdir={run_dir}/tensorboard""".splitlines()]
+    assert f"{dataset} (test split, 32 examples):" in lines
 
     flags_json = json.loads((run_dir / "flags.json").read_text())
     assert flags_json["dataset"] == dataset and flags_json["epochs"] == 2
     with open(run_dir / "history.csv", newline="") as f:
         history = list(csv.DictReader(f))
-    assert [row["epoch"] for row in history] == ["0", "1"]
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert [float(row["alpha_t"]) for row in history] == [0.0, pytest.approx(0.8)]
+    scalars = tensorboard_scalars(str(run_dir / "tensorboard"))
+    assert sorted(scalars["train/epoch_alpha_t"]) == [1, 2]
+    assert not any("learning_rate" in tag for tag in scalars)
     assert all(float(row["epoch_time_s"]) > 0 for row in history)
     assert {"loss", "ce", "byot", "dmfl", "lr", "alpha_t", "exit1_accuracy",
             "val_exit2_accuracy", "val_ensemble_accuracy"} <= set(history[0])
@@ -134,8 +165,6 @@ def test_train_writes_a_run_and_never_overwrites_it_silently(tmp_path):
     assert metrics["methods"] == ["pskd", "byot", "dmfl"]
     assert metrics["train_time_s"] > 0 and metrics["params"] > 0
     assert [e["exit"] for e in metrics["exits"]] == [1, 2]
-    events = [f for _, _, files in os.walk(run_dir / "tensorboard") for f in files]
-    assert any(f.startswith("events.out.tfevents") for f in events)
 
     # Rerunning the finished run returns its metrics, untouched.
     settings = TrainSettings.from_json(flags_json)
@@ -164,3 +193,117 @@ def test_bad_flag_is_one_error_line_and_exit_status_2(tmp_path):
     assert last_line(result.stderr).startswith(
         "selfkd-train: error: --arch: got 'resnet19'; allowed: resnet18, resnet34")
     assert not run_dir.exists()
+
+
+COMMANDS = [
+    # (module, program, a flag of its own with a piece of its help text)
+    ("train", "selfkd-train", "--pskd_alpha: PS-KD: final weight a_T"),
+    ("evaluate", "selfkd-eval", "--model: A run directory or a .keras file."),
+    ("export", "selfkd-export", "--out: The SavedModel directory to write."),
+    ("tune", "selfkd-tune", "--max_trials: Trials to run."),
+    ("report", "selfkd-report", "--metrics_file: The scores of each run to report"),
+]
+
+
+def run_installed(module: str, program_name: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs a command as its installed console script does: ``run()`` of an
+    imported module, with the program's name as ``sys.argv[0]``."""
+    code = (f"import sys; sys.argv[0] = {program_name!r}; "
+            f"from selfkd_tf.cli.{module} import run; run()")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO,
+                          env=users_environment(), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("module, program_name, own_flag", COMMANDS)
+def test_help_lists_the_commands_own_flags_and_exits_0(module, program_name, own_flag):
+    result = run_installed(module, program_name, "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith(f"``{program_name}``: ")  # the description
+    assert f"\n{program_name} flags:\n" in result.stdout
+    assert own_flag in result.stdout
+    # absl's, TensorFlow's and absltest's flags are left to --helpfull.
+    for foreign in ("--pdb_post_mortem", "--verbosity", "--tpu", "--test_srcdir",
+                    "--helpxml"):
+        assert foreign not in result.stdout
+    assert "--helpfull" in result.stdout
+
+
+def test_helpshort_and_helpfull_exit_0():
+    short = run_cli("selfkd_tf.cli.tune", "--helpshort")
+    assert (short.returncode, short.stderr) == (0, "")
+    # selfkd-tune takes every selfkd-train flag too.
+    assert "--pskd_alpha_range: LOW,HIGH" in short.stdout and "--arch:" in short.stdout
+    assert "--pdb_post_mortem" not in short.stdout
+    full = run_cli("selfkd_tf.cli.tune", "--helpfull")
+    assert (full.returncode, full.stderr) == (0, "")
+    assert "--pskd_alpha_range" in full.stdout and "--pdb_post_mortem" in full.stdout
+
+
+def test_tensorflow_start_up_messages_only_on_request(tmp_path):
+    # A command that imports TensorFlow, then stops at a bad flag.
+    args = (f"--model={tmp_path / 'absent'}", f"--out={tmp_path / 'export'}")
+    quiet = run_cli("selfkd_tf.cli.export", *args, env=users_environment())
+    assert quiet.returncode == 2
+    assert quiet.stderr.splitlines() == [last_line(quiet.stderr)]
+    assert last_line(quiet.stderr).startswith("selfkd-export: error: --model:")
+    for switch in ({"SELFKD_VERBOSE_TF": "1"}, {"TF_CPP_MIN_LOG_LEVEL": "0"}):
+        verbose = run_cli("selfkd_tf.cli.export", *args, env=users_environment(**switch))
+        assert verbose.returncode == 2
+        assert TF_NOISE.search(verbose.stderr), (switch, verbose.stderr)
+        assert last_line(verbose.stderr) == last_line(quiet.stderr)
+
+
+BAD_FLAGFILES = [
+    # (content, what the one-line error says after "<file>")
+    (b"\xff\xfe--epochs=3\n", ": not UTF-8 text (byte 0xff at offset 0)"),
+    (b"--epochs=3\n\x00\x00\n", ":2: control character '\\x00'"),
+    (b"# a comment\n\nepochs=3\n", ":3: 'epochs=3' is not a flag"),
+    (b"--epochs=3\n" * (program.FLAGFILE_MAX_BYTES // 11 + 1),
+     f": larger than {program.FLAGFILE_MAX_BYTES} bytes"),
+]
+
+
+@pytest.mark.parametrize("content, problem", BAD_FLAGFILES)
+def test_flagfile_that_is_not_flags_is_refused_by_name(tmp_path, content, problem):
+    path = tmp_path / "bad.flags"
+    path.write_bytes(content)
+    with pytest.raises(program.FlagfileError) as error:
+        program.check_flagfiles(["--epochs=1", f"--flagfile={path}"])
+    assert str(error.value).startswith(f"{path}{problem}")
+    assert "\n" not in str(error.value)
+
+
+def test_flagfile_includes_are_checked_and_loops_refused(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.flags", tmp_path / "b.flags"
+    a.write_text(f"--epochs=2\n--flagfile={b}\n")
+    b.write_text("# loops back\n--flagfile=a.flags\n")
+    monkeypatch.chdir(tmp_path)  # nested names are relative to the directory, as in absl
+    with pytest.raises(program.FlagfileError, match=r"a.flags: includes itself \(.*a.flags -> "
+                       r".*b.flags -> .*a.flags\)"):
+        program.check_flagfiles(["--flagfile", str(a)])
+    b.write_text("--flagfile=missing.flags\n")
+    with pytest.raises(program.FlagfileError, match="missing.flags: no such file"):
+        program.check_flagfiles([f"--flagfile={a}"])
+    with pytest.raises(program.FlagfileError, match="is a directory"):
+        program.check_flagfiles([f"-flagfile={tmp_path}"])
+    # Every shipped config passes, nested includes (relative to the root) too.
+    monkeypatch.chdir(REPO)
+    program.check_flagfiles([f"--flagfile={path}" for path in CONFIGS.glob("*.flags")])
+
+
+@pytest.mark.parametrize("module", ["report", "train"])
+def test_bad_flagfile_is_one_error_line_and_exit_status_2(tmp_path, module):
+    flagfile = tmp_path / "bad.flags"
+    flagfile.write_bytes(b"--epochs=2\n\x89PNG\r\n\x1a\n\x00\x00")
+    out = tmp_path / "out"
+    result = run_cli(f"selfkd_tf.cli.{module}", f"--flagfile={flagfile}",
+                     f"--runs={tmp_path}" if module == "report" else "--dataset=digits",
+                     f"--out={out}" if module == "report" else f"--model_dir={out}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"selfkd-{'report' if module == 'report' else 'train'}: error: --flagfile: "
+        f"{flagfile}: not UTF-8 text (byte 0x89 at offset 11); a flagfile holds one "
+        "--name=value per line"]
+    assert not out.exists()

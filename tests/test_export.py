@@ -1,18 +1,19 @@
 """selfkd-export: one exit as a SavedModel that takes raw pixels, without the rest."""
 
+import json
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from cli_support import environment, run_cli
-from selfkd_tf import export, losses
-from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel
+from cli_support import environment, last_line, run_cli
+from selfkd_tf import data, export
+from selfkd_tf.experiment import TrainSettings
+from serving_support import NAMES, normalized, tiny_model
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 # Runs in a fresh interpreter that never imports selfkd_tf: what a serving
 # client has.
@@ -33,7 +34,10 @@ for i, path in enumerate(paths):
         ("single", default(images=tf.constant(images[:1], tf.float32))),
     ]:
         for key, value in outputs.items():
-            results[f"{i}/{name}/{key}"] = value.numpy()
+            value = value.numpy()
+            # Class names come back as objects, which np.load would not read.
+            results[f"{i}/{name}/{key}"] = value.astype(bytes) if value.dtype == object else value
+    results[f"{i}/classes"] = served.classes().numpy().astype(bytes)
 assert "selfkd_tf" not in sys.modules
 np.savez(out, **results)
 """
@@ -41,16 +45,11 @@ np.savez(out, **results)
 
 @pytest.fixture(scope="module")
 def model():
-    keras.utils.set_random_seed(1)
-    backbone = build_multi_exit_resnet("resnet18", 5, input_shape=(16, 16, 3),
-                                       num_stages=3, width_multiplier=0.0625)
-    return SelfKDModel(backbone, num_train_examples=8, config=losses.SelfKDConfig(),
-                       input_mean=MEAN, input_std=STD)
+    return tiny_model(seed=1)
 
 
 def _expected(model, images, exit):
-    normalized = (images.astype(np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
-    logits = [z.numpy() for z in model(normalized, training=False)["logits"]]
+    logits = [z.numpy() for z in model(normalized(images), training=False)["logits"]]
     if exit == "ensemble":
         probs = np.mean([keras.ops.softmax(z).numpy() for z in logits], axis=0)
         return probs, np.log(probs)
@@ -74,14 +73,28 @@ def test_classifier_holds_only_what_the_exit_needs(model):
 
 @pytest.mark.parametrize("exit", [4, "0", "x", "2.0"])
 def test_unknown_exit_names_the_allowed_ones(exit):
-    with pytest.raises(ValueError, match=r"^exit: got .*; allowed: 1..3, deepest, ensemble$"):
+    with pytest.raises(ValueError,
+                       match=r"^exit: got .*; allowed: 1..3, deepest, ensemble, cascade$"):
         export.resolve_exit(exit, 3)
+
+
+@pytest.mark.parametrize("exit, threshold, message", [
+    ("cascade", None, "threshold: required with exit=cascade"),
+    (2, 0.5, "threshold: required with exit=cascade"),
+    ("cascade", -1, "threshold: must be a number >= 0"),
+])
+def test_threshold_goes_with_the_cascade_only(model, tmp_path, exit, threshold, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        export.export_saved_model(model, str(tmp_path / "out"), exit=exit, threshold=threshold)
+    with pytest.raises(ValueError, match="^class_names: got 2 names for a model of 5 classes$"):
+        export.export_saved_model(model, str(tmp_path / "out"), class_names=["a", "b"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_serves_the_models_outputs_in_a_fresh_process(model, tmp_path):
     exits = [3, 1, "ensemble"]
     summaries = [export.export_saved_model(model, str(tmp_path / f"exit_{e}"),
-                                           exit="deepest" if e == 3 else e)
+                                           exit="deepest" if e == 3 else e, class_names=NAMES)
                  for e in exits]
     deepest, shallowest, ensemble = summaries
     assert deepest.exit == 3
@@ -110,6 +123,32 @@ def test_export_serves_the_models_outputs_in_a_fresh_process(model, tmp_path):
                                        atol=1e-5, rtol=1e-5, err_msg=key)
             np.testing.assert_array_equal(served[f"{key}/class_ids"],
                                           probs[rows].argmax(-1), err_msg=key)
+            assert [n.decode() for n in served[f"{key}/class_names"]] == [
+                NAMES[c] for c in probs[rows].argmax(-1)], key
+        assert [n.decode() for n in served[f"{i}/classes"]] == list(NAMES)
+
+
+def test_other_image_sizes_are_resized_as_the_training_data_were(model, tmp_path):
+    """28x28 images sent to a model of 16x16 images get the answer the model
+    gives on those images resized by the data pipeline, not a confident
+    answer for some corner of them."""
+    rng = np.random.default_rng(3)
+    large = rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
+    np.savez(tmp_path / "large.npz", x_train=large, y_train=np.arange(6) % 5,
+             x_test=large, y_test=np.arange(6) % 5)
+    resized = data.load_arrays(f"npz:{tmp_path / 'large.npz'}", image_size=16).x_test
+    assert resized.shape == (6, 16, 16, 3)
+    probs, logits = _expected(model, resized, 3)
+    served = tf.saved_model.load(
+        export.export_saved_model(model, str(tmp_path / "served")).path)
+    for outputs in (served.serve(tf.constant(large, tf.float32)), served.serve_uint8(large)):
+        np.testing.assert_allclose(outputs["logits"], logits, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(outputs["class_ids"], probs.argmax(-1))
+    # Images of the model's own size pass untouched.
+    np.testing.assert_allclose(served.serve_uint8(resized)["logits"], logits, atol=1e-5)
+    # Another number of channels is refused, naming the expected shape.
+    with pytest.raises((ValueError, TypeError), match=r"\(None, None, None, 3\)"):
+        served.serve(tf.zeros([1, 28, 28, 1]))
 
 
 def test_export_command_reports_params_and_flops(model, tmp_path):
@@ -127,3 +166,41 @@ def test_export_command_reports_params_and_flops(model, tmp_path):
     assert export_params < train_params and export_flops < train_flops
     assert train_params == export.count_parameters(model.backbone)
     assert (out / "saved_model.pb").exists()
+
+
+def test_cascade_export_command_names_the_runs_classes(model, tmp_path):
+    """A run directory's export carries its dataset's class names."""
+    images = np.zeros((5, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "data.npz", x_train=images, y_train=np.arange(5), x_test=images,
+             y_test=np.arange(5), class_names=np.array(NAMES))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    settings = TrainSettings(dataset=f"npz:{tmp_path / 'data.npz'}", model_dir=str(run))
+    (run / "flags.json").write_text(json.dumps(settings.to_json()))
+    out = tmp_path / "cascade"
+    result = run_cli("selfkd_tf.cli.export", f"--model={run}", "--exit=cascade",
+                     "--threshold=0.7", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Exported the 3-exit cascade (threshold 0.7) to {out}"
+    costs = export.exit_costs(model.backbone)
+    assert [line.split()[:4] for line in lines[4:7]] == [
+        ["answer", "at", "exit", str(k)] for k in (1, 2, 3)]
+    assert [int(line.split()[-1].replace(",", "")) for line in lines[4:7]] == [
+        costs.cascade_exit(k) for k in (1, 2, 3)]
+    served = tf.saved_model.load(str(out))
+    assert [n.decode() for n in served.classes().numpy()] == list(NAMES)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exit=cascade"], "--threshold: required with exit=cascade"),
+    (["--class_names=a,b"], "--class_names: got 2 names for a model of 5 classes"),
+])
+def test_export_command_refuses_bad_flags_in_one_line(model, tmp_path, args, message):
+    model.save(tmp_path / "model.keras")
+    result = run_cli("selfkd_tf.cli.export", f"--model={tmp_path / 'model.keras'}",
+                     f"--out={tmp_path / 'served'}", *args)
+    assert result.returncode == 2
+    assert last_line(result.stderr).startswith(f"selfkd-export: error: {message}")
+    assert not (tmp_path / "served").exists()

@@ -35,30 +35,41 @@ def batch():
     return logits, features, labels, teacher
 
 
-def _numpy_objective(logits, features, labels, teacher, alpha_t, config, valid=None):
-    """The objective written out independently of the implementation."""
+def _numpy_objective(logits, features, labels, teacher, alpha_t, config, valid=None,
+                     weights=None, global_batch=B):
+    """The objective written out independently of the implementation.
+
+    ``weights`` scale every example's contribution; averages divide by
+    ``global_batch`` (Keras's "sum_over_batch_size").
+    """
+    w = np.ones(B) if weights is None else weights
+
+    def average(per_example):
+        return np.sum(w * per_example) / global_batch
+
     one_hot = np.eye(C)[labels]
     if config.uses("pskd"):
-        w = alpha_t * (np.ones(B) if valid is None else valid)[:, None]
-        target = (1 - w) * one_hot + w * teacher
+        mix = alpha_t * (np.ones(B) if valid is None else valid)[:, None]
+        target = (1 - mix) * one_hot + mix * teacher
     else:
         target = one_hot
-    ce = _ce(logits[-1], target).mean()
+    ce = average(_ce(logits[-1], target))
     byot = 0.0
     if config.uses("byot"):
         a, t, lam = config.byot_alpha, config.temperature, config.byot_lambda
         exits = config.byot_exits or tuple(range(1, N))
-        byot += (1 - a) * _ce(logits[-1], target).mean()
+        byot += (1 - a) * average(_ce(logits[-1], target))
         for i in exits:
-            byot += (1 - a) * _ce(logits[i - 1], target).mean()
-            byot += a * t * t * _kl(_softmax(logits[-1] / t), _softmax(logits[i - 1] / t)).mean()
-            byot += lam * np.sum((features[i - 1] - features[-1]) ** 2)
+            byot += (1 - a) * average(_ce(logits[i - 1], target))
+            byot += a * t * t * average(
+                _kl(_softmax(logits[-1] / t), _softmax(logits[i - 1] / t)))
+            byot += lam * np.sum(w[:, None] * (features[i - 1] - features[-1]) ** 2)
     dmfl = 0.0
     if config.uses("dmfl"):
         q_deep = _softmax(features[-1])
         for f in features[:-1]:
             q = _softmax(f)
-            dmfl += (_kl(q, q_deep) + _kl(q_deep, q)).mean()
+            dmfl += average(_kl(q, q_deep) + _kl(q_deep, q))
         dmfl /= N - 1
     return {"ce": ce, "byot": byot, "dmfl": dmfl, "total": ce + byot + dmfl}
 
@@ -72,20 +83,47 @@ ALL_COMBINATIONS = [
 ]
 
 
+WEIGHTS = np.array([0.0, 1.5, 0.25, 1.0])
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("methods", ALL_COMBINATIONS, ids=lambda m: "+".join(m) or "baseline")
-def test_every_method_combination_matches_numpy(batch, methods):
+def test_every_method_combination_matches_numpy(batch, methods, weighted):
     logits, features, labels, teacher = batch
     # A large lambda makes the hint term visible at float32 precision.
     config = SelfKDConfig(methods=methods, byot_lambda=0.01)
+    # Weighted: as one of two replicas sees its part of a global batch of 2B.
+    weighting = {"global_batch_size": 2.0 * B,
+                 "sample_weight": tf.constant(WEIGHTS, tf.float32)} if weighted else {}
     terms = losses.selfkd_loss(
         _tf(logits), _tf(features), tf.constant(labels), config,
-        teacher_probs=tf.constant(teacher, tf.float32), alpha_t=0.3,
+        teacher_probs=tf.constant(teacher, tf.float32), alpha_t=0.3, **weighting,
     )
-    expected = _numpy_objective(logits, features, labels, teacher, 0.3, config)
+    expected = _numpy_objective(
+        logits, features, labels, teacher, 0.3, config,
+        **({"weights": WEIGHTS, "global_batch": 2 * B} if weighted else {}))
     for name, value in expected.items():
         np.testing.assert_allclose(float(terms[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert (float(terms["byot"]) > 0) == ("byot" in methods)
     assert (float(terms["dmfl"]) > 0) == ("dmfl" in methods)
+
+
+def test_unit_weights_give_the_unweighted_objective(batch):
+    logits, features, labels, teacher = batch
+    config = SelfKDConfig(byot_lambda=0.01)
+    args = (_tf(logits), _tf(features), tf.constant(labels), config)
+    plain = losses.selfkd_loss(*args)
+    ones = losses.selfkd_loss(*args, sample_weight=tf.ones([B]))
+    for name in ("ce", "byot", "dmfl", "total"):
+        assert float(ones[name]) == float(plain[name]), name
+
+
+def test_out_of_range_labels_are_refused():
+    # tf.one_hot would give an all-zero target, a loss of 0, without a word.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"class ids must be in \[0, 3\)"):
+        losses.soft_targets(tf.constant([0, 3]), 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class ids"):
+        losses.soft_targets(tf.constant([-1, 0]), 3)
 
 
 def test_hand_computed_two_class_case():
@@ -241,6 +279,26 @@ def test_pskd_teacher_gets_no_gradient(batch):
             alpha_t=0.5,
         )
     assert tape.gradient(terms["total"], teacher) is None
+
+
+def test_weights_scale_each_examples_gradient(batch):
+    # Every term is a sum of per-example parts, each reading only its own
+    # rows, so d(weighted)/d(row j) = w_j d(unweighted)/d(row j) for logits
+    # and features alike; a zero-weight example gets exactly none.
+    logits, features, labels, teacher = batch
+    config = SelfKDConfig(byot_lambda=0.01)
+
+    def objective(weights):
+        return lambda z, f: losses.selfkd_loss(
+            z, f, tf.constant(labels), config, teacher_probs=tf.constant(teacher, tf.float32),
+            alpha_t=0.5, sample_weight=weights)["total"]
+
+    weighted = _gradients(objective(tf.constant(WEIGHTS, tf.float32)), logits, features)
+    plain = _gradients(objective(None), logits, features)
+    for got, reference in zip(weighted[0] + weighted[1], plain[0] + plain[1]):
+        np.testing.assert_allclose(
+            got.numpy(), WEIGHTS[:, None] * reference.numpy(), rtol=1e-5, atol=1e-7)
+        assert np.all(got.numpy()[WEIGHTS == 0] == 0.0)
 
 
 def test_teacher_probabilities(batch):

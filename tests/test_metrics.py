@@ -304,10 +304,11 @@ def test_build_metrics_record_schema():
         arch="resnet18", methods="pskd, byot", params=1234,
         train_time_s=100.0, epochs=4)
     assert list(record) == [
-        "dataset", "split", "arch", "methods", "num_exits", "exits",
+        "dataset", "split", "num_examples", "arch", "methods", "num_exits", "exits",
         "ensemble", "train_time_s", "train_time_per_epoch_s", "epochs",
         "params", "reliability"]
     assert record["methods"] == ["pskd", "byot"]
+    assert record["num_examples"] == 2
     assert record["num_exits"] == 2
     assert record["train_time_per_epoch_s"] == 25.0
     assert record["exits"][1] == {"exit": 2, **classification_metrics(exit2, [0, 0])}

@@ -9,6 +9,7 @@ import tensorflow as tf
 from selfkd_tf.models import ARCHITECTURES
 from selfkd_tf.models import EXIT_HEADS
 from selfkd_tf.models import build_multi_exit_resnet
+from selfkd_tf.models.primitives import Conv2D
 from selfkd_tf.models.primitives import PatchConv2D
 
 TINY = 0.0625
@@ -267,38 +268,75 @@ def test_invalid_arguments(kwargs, pattern):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("size,height,use_bias", [(2, 16, True), (4, 16, False), (8, 19, True)])
-def test_patch_conv_equals_strided_conv_and_its_gradients(size, height, use_bias):
-    # The same weights in a plain valid stride-k Conv2D must give the same
-    # outputs and gradients; 19 rows leave an incomplete patch to drop.
-    rng = np.random.default_rng(size)
-    x = tf.constant(rng.standard_normal((3, height, height + 5, 6)), "float32")
-    patch = PatchConv2D(5, size, use_bias=use_bias, bias_initializer="random_normal")
-    plain = keras.layers.Conv2D(5, size, strides=size, padding="valid", use_bias=use_bias)
-    patch.build(x.shape)
+@pytest.mark.parametrize(
+    "layer_class, size, strides, padding, batch, height, use_bias",
+    [
+        (PatchConv2D, 2, 2, "valid", 3, 16, True),
+        (PatchConv2D, 4, 4, "valid", 3, 16, False),
+        (PatchConv2D, 8, 8, "valid", 3, 19, True),
+        # Projection shortcuts: a 1x1 kernel with a stride, odd and even
+        # sizes, a batch of 1 and an odd one.
+        (Conv2D, 1, 2, "same", 3, 16, False),
+        (Conv2D, 1, 2, "same", 1, 7, False),
+        (Conv2D, 1, 2, "valid", 5, 9, True),
+        (Conv2D, 1, 3, "same", 2, 8, False),
+        (Conv2D, 1, 2, "same", 5, 1, False),
+        # Configurations Conv2D leaves to Keras.
+        (Conv2D, 3, 2, "valid", 3, 9, True),
+        (Conv2D, 1, 1, "same", 3, 8, False),
+    ],
+)
+def test_matmul_convolutions_equal_keras_conv2d_and_its_gradients(
+    layer_class, size, strides, padding, batch, height, use_bias
+):
+    # The same weights in a plain strided Conv2D must give the same outputs
+    # and gradients; 19 rows leave an incomplete patch to drop, and odd
+    # sizes put the last 1x1 sample on the last row.
+    rng = np.random.default_rng(size * 10 + height)
+    x = tf.constant(rng.standard_normal((batch, height, height + 5, 6)), "float32")
+    ours = layer_class(5, size, strides=strides, padding=padding,
+                       use_bias=use_bias, bias_initializer="random_normal")
+    plain = keras.layers.Conv2D(5, size, strides=strides, padding=padding,
+                                use_bias=use_bias)
+    ours.build(x.shape)
     plain.build(x.shape)
-    plain.set_weights(patch.get_weights())
-    assert [w.shape for w in patch.weights] == [w.shape for w in plain.weights]
+    plain.set_weights(ours.get_weights())
+    assert [w.path for w in ours.weights] == [
+        w.path.replace(plain.name, ours.name) for w in plain.weights]
+    assert [w.shape for w in ours.weights] == [w.shape for w in plain.weights]
+    assert ours.compute_output_shape(x.shape) == plain.compute_output_shape(x.shape)
     upstream = tf.constant(
         rng.standard_normal(plain.compute_output_shape(x.shape)), "float32")
     results = []
-    for layer in (patch, plain):
+    for layer in (ours, plain):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x)
             loss = tf.reduce_sum(y * upstream)
         results.append((y, *tape.gradient(loss, [x, *layer.trainable_weights])))
-    for ours, reference in zip(*results):
-        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    for got, reference in zip(*results):
+        np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_pointwise_conv_samples_rows_and_columns_0_s_2s():
+    # By hand: a 1x1 kernel of ones with stride 2 sums the channels of
+    # x[0::2, 0::2], the last row and column included for odd sizes.
+    x = np.arange(2 * 5 * 5, dtype="float32").reshape(1, 5, 5, 2)
+    layer = Conv2D(1, 1, strides=2, padding="same", use_bias=False,
+                   kernel_initializer="ones")
+    y = keras.ops.convert_to_numpy(layer(x))[0, :, :, 0]
+    np.testing.assert_array_equal(y, x[0, ::2, ::2, :].sum(-1))
+    assert y.shape == (3, 3)
 
 
 def test_patch_conv_rejects_other_strides_and_round_trips():
     with pytest.raises(ValueError, match="strides == kernel_size"):
         PatchConv2D(4, 3, strides=1)
-    layer = PatchConv2D(4, 2, name="p")
-    restored = keras.layers.deserialize(keras.layers.serialize(layer))
-    assert isinstance(restored, PatchConv2D)
-    assert (restored.kernel_size, restored.strides) == ((2, 2), (2, 2))
+    for layer in (PatchConv2D(4, 2, name="p"),
+                  Conv2D(4, 1, strides=2, padding="same", name="q")):
+        restored = keras.layers.deserialize(keras.layers.serialize(layer))
+        assert type(restored) is type(layer)
+        assert restored.get_config() == layer.get_config()
 
 
 def test_bottleneck_heads_use_patch_convolutions():
@@ -308,3 +346,69 @@ def test_bottleneck_heads_use_patch_convolutions():
     # Exits 1-3 downsample by 8, 4 and 2 in one step; nothing else is patchwise.
     assert patch == {"exit1_head_conv2": (8, 8), "exit2_head_conv2": (4, 4),
                      "exit3_head_conv2": (2, 2)}
+
+
+@pytest.mark.parametrize(
+    "arch, exit_head",
+    [(arch, head) for arch in ARCHITECTURES for head in EXIT_HEADS],
+)
+def test_every_strided_pointwise_convolution_is_a_matrix_product(arch, exit_head):
+    # The stages' projection shortcuts are the networks' only strided 1x1
+    # convolutions; none may reach the CPU convolution kernels.
+    model = cached_model(arch, exit_head, 4, TINY, 8)
+    strided = {
+        layer.name: type(layer) for layer in layers_of_type(model, keras.layers.Conv2D)
+        if layer.kernel_size == (1, 1) and layer.strides != (1, 1)
+    }
+    assert strided == {f"stage{s}_block1_shortcut_conv": Conv2D for s in (2, 3, 4)}
+
+
+def _with_plain_strided_shortcuts(backbone):
+    """The same network with keras.layers.Conv2D shortcuts, as saved before."""
+    config = keras.saving.serialize_keras_object(backbone)
+    for layer in config["config"]["layers"]:
+        if layer["module"] == Conv2D.__module__ and layer["class_name"] == "Conv2D":
+            layer.update(module="keras.layers", registered_name=None)
+    old = keras.saving.deserialize_keras_object(config)
+    old.set_weights(backbone.get_weights())
+    return old
+
+
+# Keras' own weight serialization trips a NumPy 2 deprecation notice.
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")
+def test_files_with_plain_strided_shortcuts_load_with_the_same_outputs(tmp_path):
+    from selfkd_tf.checkpointing import Position, TrainingCheckpoint
+    from selfkd_tf.losses import SelfKDConfig
+    from selfkd_tf.training import SelfKDModel, make_optimizer
+
+    def selfkd_model(backbone):
+        model = SelfKDModel(backbone, num_train_examples=6,
+                            config=SelfKDConfig(methods=("pskd", "byot")))
+        model.compile(optimizer=make_optimizer(0.1, epochs=1))
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    def build():
+        return build_multi_exit_resnet("resnet18", 3, (8, 8, 3), num_stages=3,
+                                       width_multiplier=TINY)
+
+    keras.utils.set_random_seed(1)
+    old = selfkd_model(_with_plain_strided_shortcuts(build()))
+    shortcut = old.backbone.get_layer("stage2_block1_shortcut_conv")
+    assert type(shortcut) is keras.layers.Conv2D and shortcut.strides == (2, 2)
+    old.save(tmp_path / "old.keras")
+    TrainingCheckpoint(old, str(tmp_path / "checkpoints")).save(Position(), 0)
+    x = images(5, 8)
+    expected = old(x, training=False)["logits"]
+
+    loaded = keras.saving.load_model(tmp_path / "old.keras", compile=False)
+    restored = selfkd_model(build())
+    TrainingCheckpoint(restored, str(tmp_path / "checkpoints")).restore_latest()
+    for model in (loaded, restored):
+        for name in ("stage2_block1_shortcut_conv", "stage3_block1_shortcut_conv"):
+            assert type(model.backbone.get_layer(name)) is Conv2D
+        actual = model(x, training=False)["logits"]
+        for want, got in zip(expected, actual, strict=True):
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                                       keras.ops.convert_to_numpy(want),
+                                       rtol=1e-5, atol=1e-6)

@@ -10,26 +10,27 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from selfkd_tf import report
+from selfkd_tf import report, runs as runs_lib
 from selfkd_tf.metrics import build_metrics_record, write_metrics_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(path, *, methods, num_exits, dataset="cifar100", seed=0,
-             train_time_s=None, epochs=3, width=None, epoch_times=None):
+             train_time_s=None, epochs=3, width=None, epoch_times=None,
+             num_examples=120, image_size=None, first_epoch=1):
     """Writes a run directory and returns its metrics record.
 
     `flags.json` is written when `width` is given, `history.csv` when
-    `epoch_times` is (one row per epoch).
+    `epoch_times` is (one row per epoch, numbered from `first_epoch`).
     """
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=120)
+    labels = rng.integers(0, 10, size=num_examples)
     exit_probs = []
     for depth in range(num_exits):
         # Deeper exits see a stronger signal, so they are more accurate.
-        logits = rng.normal(size=(120, 10))
-        logits[np.arange(120), labels] += 0.5 + depth
+        logits = rng.normal(size=(num_examples, 10))
+        logits[np.arange(num_examples), labels] += 0.5 + depth
         probs = np.exp(logits)
         exit_probs.append(probs / probs.sum(axis=1, keepdims=True))
     record = build_metrics_record(
@@ -40,7 +41,7 @@ def make_run(path, *, methods, num_exits, dataset="cifar100", seed=0,
     if width is not None:
         flags = {"arch": "resnet18", "methods": ",".join(methods),
                  "dataset": dataset, "width_multiplier": width,
-                 "epochs": epochs, "seed": seed}
+                 "epochs": epochs, "seed": seed, "image_size": image_size}
         with open(os.path.join(path, "flags.json"), "w") as f:
             json.dump(flags, f)
     if epoch_times is not None:
@@ -51,7 +52,7 @@ def make_run(path, *, methods, num_exits, dataset="cifar100", seed=0,
                    "val_loss", *(f"val_exit{i}_accuracy" for i in exits),
                    "val_ensemble_accuracy", "epoch_time_s"]
         lines = [",".join(columns)]
-        for epoch, seconds in enumerate(epoch_times):
+        for epoch, seconds in enumerate(epoch_times, start=first_epoch):
             values = [epoch, *rng.random(len(columns) - 2), seconds]
             lines.append(",".join(str(v) for v in values))
         with open(os.path.join(path, "history.csv"), "w") as f:
@@ -83,6 +84,13 @@ def runs_dir(tmp_path_factory):
     return root, records
 
 
+def load(specs):
+    """The runs `runs_lib.load_runs` reports, checking it skipped none."""
+    found = runs_lib.load_runs(specs)
+    assert found.skipped == []
+    return found.runs
+
+
 def parse_tables(markdown):
     """`{section heading: [row dict, ...]}` of a Markdown report."""
     tables, heading, header = {}, None, None
@@ -107,18 +115,18 @@ def assert_png(path):
 
 
 def test_method_label():
-    assert report.method_label([]) == "Baseline"
-    assert report.method_label(["dmfl", "byot", "pskd"]) == "+PS-KD+BYOT+DMFL"
-    assert report.method_label(["mixup", "BYOT"]) == "+BYOT+MIXUP"
+    assert runs_lib.method_label([]) == "Baseline"
+    assert runs_lib.method_label(["dmfl", "byot", "pskd"]) == "+PS-KD+BYOT+DMFL"
+    assert runs_lib.method_label(["mixup", "BYOT"]) == "+BYOT+MIXUP"
 
 
 def test_load_runs_finds_and_names_runs(runs_dir):
     root, _ = runs_dir
-    runs = report.load_runs([str(root)])
+    runs = load([str(root)])
     # Sorted walk order; `notes` holds no run and is skipped.
     assert [r.name for r in runs] == ["seed0", "resnet18_all", "resnet18_baseline"]
     # Globs and repeated runs: first occurrence kept.
-    runs = report.load_runs([str(root / "resnet18_*"), str(root / "resnet18_all")])
+    runs = load([str(root / "resnet18_*"), str(root / "resnet18_all")])
     assert [r.name for r in runs] == ["resnet18_all", "resnet18_baseline"]
     assert runs[0].flags["width_multiplier"] == 0.5
     assert runs[0].history["epoch_time_s"].tolist() == [10.0, 11.0, 40.0]
@@ -127,14 +135,14 @@ def test_load_runs_finds_and_names_runs(runs_dir):
 def test_runs_sharing_a_base_name_get_longer_names(tmp_path):
     for parent in ("a", "b"):
         make_run(tmp_path / parent / "seed0", methods=[], num_exits=1)
-    runs = report.load_runs([str(tmp_path)])
+    runs = load([str(tmp_path)])
     assert [r.name for r in runs] == ["a/seed0", "b/seed0"]
     assert [r.file_stem for r in runs] == ["a-seed0", "b-seed0"]
 
 
 def test_table1_numbers(runs_dir):
     root, records = runs_dir
-    text = report.table1_markdown(report.load_runs([str(root)]))
+    text = report.table1_markdown(load([str(root)]))
     tables = parse_tables(text)
     assert list(tables) == ["cifar10 (test)", "cifar100 (test)"]
     rows = {row["Run"]: row for rows in tables.values() for row in rows}
@@ -166,7 +174,7 @@ def test_table1_numbers(runs_dir):
 
 def test_table2_numbers(runs_dir):
     root, records = runs_dir
-    tables = parse_tables(report.table2_markdown(report.load_runs([str(root)])))
+    tables = parse_tables(report.table2_markdown(load([str(root)])))
     cifar100 = {row["Run"]: row for row in tables["cifar100 (test)"]}
     exit_columns = ["Exit 1 (stage 1)", "Exit 2 (stage 2)", "Exit 3 (stage 3)",
                     "Exit 4 (deepest)"]
@@ -191,7 +199,7 @@ def test_table2_numbers(runs_dir):
 
 def test_write_report_outputs(runs_dir, tmp_path, caplog):
     root, _ = runs_dir
-    runs = report.load_runs([str(root)])
+    runs = load([str(root)])
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="selfkd_tf.report"):
         written = report.write_report(runs, str(out))
@@ -209,38 +217,41 @@ def test_write_report_outputs(runs_dir, tmp_path, caplog):
 
 def test_runs_without_timing_still_get_figure2(tmp_path):
     make_run(tmp_path / "run", methods=[], num_exits=1)
-    report.plot_figure2(report.load_runs([str(tmp_path / "run")]),
+    report.plot_figure2(load([str(tmp_path / "run")]),
                         str(tmp_path / "figure2.png"))
     assert_png(tmp_path / "figure2.png")
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "content, reason",
     [
-        (None, "missing metrics.json"),
+        (None, "no metrics.json: training has not finished"),
         ("{not json", "invalid JSON"),
         ('{"arch": "resnet18"}', "missing dataset, split, methods"),
     ],
 )
-def test_unusable_run_raises(tmp_path, content, message):
+def test_unusable_runs_are_skipped_with_the_reason(tmp_path, content, reason):
+    make_run(tmp_path / "done", methods=[], num_exits=1)
     run = tmp_path / "broken"
     run.mkdir()
-    (run / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n")
+    (run / "history.csv").write_text("epoch,val_accuracy\n1,0.5\n")
     if content is not None:
         (run / "metrics.json").write_text(content)
-    with pytest.raises(report.RunDataError, match=message) as error:
-        report.load_runs([str(tmp_path)])
-    assert str(run) in str(error.value)
+    found = runs_lib.load_runs([str(tmp_path)])
+    assert [r.name for r in found.runs] == ["done"]
+    (skipped,) = found.skipped
+    assert skipped.path == str(run)
+    assert reason in skipped.reason and "\n" not in skipped.reason
 
 
 def test_specs_without_runs_raise(runs_dir, tmp_path):
     root, _ = runs_dir
-    with pytest.raises(report.RunDataError, match="no run directory inside"):
-        report.load_runs([str(root / "notes")])
-    with pytest.raises(report.RunDataError, match="no such directory"):
-        report.load_runs([str(tmp_path / "absent")])
-    with pytest.raises(report.RunDataError, match="pattern matches no run"):
-        report.load_runs([str(root / "notes*")])
+    with pytest.raises(runs_lib.RunDataError, match="no run directory inside"):
+        load([str(root / "notes")])
+    with pytest.raises(runs_lib.RunDataError, match="no such directory"):
+        load([str(tmp_path / "absent")])
+    with pytest.raises(runs_lib.RunDataError, match="pattern matches no run"):
+        load([str(root / "notes*")])
 
 
 def run_cli(*args, cwd):
@@ -265,16 +276,88 @@ def test_cli_writes_report(runs_dir, tmp_path):
         records["resnet18_all"]["exits"][-1]["top1_err"], abs=0.005)
 
 
-def test_cli_missing_metrics_fails_without_output(runs_dir, tmp_path):
+def test_cli_reports_finished_runs_and_names_the_skipped_ones(runs_dir, tmp_path):
     root, _ = runs_dir
-    broken = tmp_path / "crashed_run"
-    broken.mkdir()
-    (broken / "flags.json").write_text('{"arch": "resnet18"}')
+    unfinished = tmp_path / "still_training"
+    unfinished.mkdir()
+    (unfinished / "flags.json").write_text('{"arch": "resnet18"}')
     out = tmp_path / "report"
-    result = run_cli(f"--runs={root},{broken}", f"--out={out}", cwd=tmp_path)
-    assert result.returncode != 0
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1, message
-    assert str(broken) in message and "metrics.json" in message
-    assert not out.exists()
-    assert result.stdout == ""
+    result = run_cli(f"--runs={root},{unfinished}", f"--out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"selfkd-report: skipped {unfinished}: no metrics.json: training has not "
+        "finished (still running, or interrupted: rerun selfkd-train to resume)",
+        f"selfkd-report: {root}/other/seed0: no accuracy column in history.csv, "
+        "curves_seed0.png not written"]
+    assert len(os.listdir(out)) == 8
+    for table in ("table1.md", "table2.md"):
+        text = (out / table).read_text()
+        assert f"- `{unfinished}`: no metrics.json" in text
+        assert "still_training" not in str(parse_tables(text))
+
+
+def test_cli_without_a_reportable_run_fails_in_one_line(tmp_path):
+    unfinished = tmp_path / "runs" / "a"
+    unfinished.mkdir(parents=True)
+    (unfinished / "flags.json").write_text("{}")
+    out = tmp_path / "report"
+    for spec, message in [
+        (tmp_path / "runs", "selfkd-report: error: no run to report"),
+        (tmp_path / "absent", f"selfkd-report: error: {tmp_path / 'absent'}: no such directory"),
+    ]:
+        result = run_cli(f"--runs={spec}", f"--out={out}", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.splitlines()[-1].startswith(message), result.stderr
+        assert "Traceback" not in result.stderr
+        assert not out.exists() and result.stdout == ""
+
+
+def test_symbolic_links_are_followed_once_and_loops_end(tmp_path):
+    real = tmp_path / "elsewhere"
+    make_run(real / "seed0", methods=["pskd"], num_exits=2)
+    root = tmp_path / "runs"
+    make_run(root / "baseline", methods=[], num_exits=2)
+    os.symlink(real, root / "linked")            # a directory of runs
+    os.symlink(real / "seed0", root / "again")   # the same run a second time
+    os.symlink(root, root / "baseline_loop")     # a loop back to the top
+    found = runs_lib.load_runs([str(root)])
+    assert found.skipped == []
+    # Named by the path as found; the run reached twice is listed once.
+    assert [r.name for r in found.runs] == ["again", "baseline"]
+    assert found.runs[0].path == str(root / "again")
+
+
+def test_tables_say_when_runs_are_not_comparable(tmp_path):
+    make_run(tmp_path / "a", methods=[], num_exits=4, width=1.0, num_examples=120)
+    make_run(tmp_path / "b", methods=["pskd"], num_exits=4, width=1.0, num_examples=60)
+    make_run(tmp_path / "c", methods=["pskd"], num_exits=2, width=1.0, image_size=16)
+    make_run(tmp_path / "d", methods=[], num_exits=4, dataset="cifar10")
+    found = load([str(tmp_path)])
+    assert report.incomparable([r for r in found if r.name in "ab"]) == [
+        "numbers of scored examples differ (120: a; 60: b)"]
+    for markdown in (report.table1_markdown(found), report.table2_markdown(found)):
+        assert ("**Not comparable:** numbers of scored examples differ (120: a, c; "
+                "60: b); image sizes differ (native: a, b; 16: c); numbers of exits "
+                "differ (4: a, b; 2: c).") in markdown
+        # The lone cifar10 run is compared with nothing; the tables are separate.
+        assert markdown.count("Not comparable") == 1
+        assert "numbers from different tables are not comparable" in markdown
+    same = load([str(tmp_path / "b"), str(tmp_path / "b")])
+    assert "not comparable" not in report.table1_markdown(same).lower()
+
+
+def test_curves_number_epochs_from_1_in_old_and_new_histories(tmp_path):
+    # Runs number history rows from 1; older runs (keras CSVLogger) from 0.
+    make_run(tmp_path / "new", methods=[], num_exits=2, epoch_times=[1, 1, 1])
+    make_run(tmp_path / "old", methods=[], num_exits=2, epoch_times=[1, 1, 1],
+             first_epoch=0)
+    new, old = load([str(tmp_path / "new"), str(tmp_path / "old")])
+    assert new.history["epoch"].tolist() == [1, 2, 3]
+    assert old.history["epoch"].tolist() == [0, 1, 2]
+    assert new.epoch_numbers().tolist() == old.epoch_numbers().tolist() == [1, 2, 3]
+
+
+def test_the_report_command_does_not_load_tensorflow():
+    code = ("import sys; import selfkd_tf.cli.report; "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
+from run_dir_support import snapshot
 from selfkd_tf import checkpointing, experiment
 
 STEPS_PER_EPOCH = 4  # 64 training examples in batches of 16
@@ -93,7 +94,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert uninterrupted.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     # Same epochs, logged once each, with the same values.
-    assert [r["epoch"] for r in _history(killed)] == ["0", "1"]
+    assert [r["epoch"] for r in _history(killed)] == ["1", "2"]
     for a, b in zip(_history(reference), _history(killed)):
         for key in ("loss", "ce", "byot", "dmfl", "alpha_t", "val_exit2_accuracy"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6), key
@@ -139,8 +140,81 @@ def test_history_keeps_only_the_epochs_before_the_resumed_one(tmp_path):
     path = tmp_path / "history.csv"
     # A kill can leave the row of an epoch whose checkpoint was not written,
     # or half a row.
-    path.write_text("epoch,loss\n0,2.5\n1,2.0\n2,1.5\n3,1.")
+    # Rows number epochs from 1; resuming the 0-based epoch 2 (the third)
+    # keeps the rows of the first two.
+    path.write_text("epoch,loss\n1,2.5\n2,2.0\n3,1.5\n4,1.")
     experiment._truncate_history(str(path), 2)
-    assert path.read_text().splitlines() == ["epoch,loss", "0,2.5", "1,2.0"]
+    assert path.read_text().splitlines() == ["epoch,loss", "1,2.5", "2,2.0"]
     experiment._truncate_history(str(path), 0)
     assert not path.exists()
+
+
+def _folder_dataset(root, counts):
+    """``folder:`` data: ``counts[c]`` 8x8 training PNGs for class ``c``."""
+    from data_builders import write_image
+
+    rng = np.random.default_rng(len(counts))
+    for split, per_class in (("train", counts), ("test", {c: 1 for c in counts})):
+        for name, count in per_class.items():
+            for i in range(count):
+                image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                write_image(os.path.join(root, split, name, f"{i}.png"), image)
+    return f"folder:{root}"
+
+
+def _unfinished_run(tmp_path, dataset):
+    """A run whose training ended but which has not saved and evaluated yet."""
+    settings = experiment.TrainSettings(
+        dataset=dataset, arch="resnet18", width_multiplier=0.0625, num_stages=2,
+        epochs=1, batch_size=4, methods=("pskd", "byot"), model_dir=str(tmp_path / "run"))
+    experiment.train(settings)
+    for name in ("metrics.json", "model.keras"):
+        os.remove(tmp_path / "run" / name)
+    return settings
+
+
+def test_resuming_on_changed_data_says_what_differs_and_writes_nothing(tmp_path):
+    root = tmp_path / "data"
+    settings = _unfinished_run(tmp_path, _folder_dataset(root, {"a": 4, "b": 4}))
+    run_dir = settings.model_dir
+    before = snapshot(run_dir)
+    # The reported case, as a command: one image added to a class folder.
+    _folder_dataset(root, {"a": 5, "b": 4})
+    args = ["selfkd_tf.cli.train", f"--dataset={settings.dataset}", f"--model_dir={run_dir}",
+            "--arch=resnet18", "--width_multiplier=0.0625", "--num_stages=2",
+            "--epochs=1", "--batch_size=4", "--methods=pskd,byot"]
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert last_line(result.stderr) == (
+        f"selfkd-train: error: --model_dir: {run_dir} holds a run trained on other "
+        "data (training examples 8 -> 9; pixel mean/std (the images changed)); rerun "
+        "on the same data to resume it, choose another --model_dir, or pass "
+        "--overwrite to start it afresh")
+    assert snapshot(run_dir) == before
+
+    # Another class count.
+    _folder_dataset(root, {"a": 5, "b": 4, "c": 1})
+    with pytest.raises(experiment.SettingsError, match=r"classes 2 -> 3") as raised:
+        experiment.train(settings)
+    assert "\n" not in str(raised.value)
+    # A run directory written before data.json existed: the checkpoint's
+    # shapes tell.
+    os.remove(os.path.join(run_dir, "data.json"))
+    before = snapshot(run_dir)
+    with pytest.raises(experiment.SettingsError) as raised:
+        experiment.train(settings)
+    assert re.search(r"cannot resume .*: training examples 8 -> 10, classes 2 -> 3 "
+                     r"\(\d+ values differ in shape", str(raised.value)), raised.value
+    assert "\n" not in str(raised.value)
+    assert snapshot(run_dir) == before
+
+    # The same data again resumes: the run is saved and evaluated.
+    _folder_dataset(root, {"a": 4, "b": 4})
+    os.remove(root / "train" / "a" / "4.png")
+    os.remove(root / "train" / "c" / "0.png")
+    os.rmdir(root / "train" / "c")
+    os.remove(root / "test" / "c" / "0.png")
+    os.rmdir(root / "test" / "c")
+    record = experiment.train(settings)
+    assert record["num_examples"] == 2

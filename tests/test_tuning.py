@@ -166,8 +166,24 @@ def test_cli_search_writes_a_flagfile_that_retrains_the_winner(npz, tmp_path):
     record = json.loads((tuner_dir / tuning.BEST_HYPERPARAMETERS_FILE).read_text())
     # byot is off, so byot_alpha is not searched.
     assert set(record["hyperparameters"]) == {"pskd_alpha", "weight_decay"}
+    # One numbering: KerasTuner's log, the table, the record and best.flags
+    # say trial 1, which lives in trials/trial_0.
+    assert "Running Trial #1" in search.stdout
+    header, row = search.stdout.split("higher is better):\n")[1].splitlines()[:2]
+    assert header.split()[:2] == ["rank", "trial"] and header.split()[-1] == "directory"
+    assert row.split()[:2] == ["1", "1"] and row.split()[-1] == "trials/trial_0"
+    assert (record["trial"], record["trial_id"], record["trial_dir"]) == (
+        1, "0", "trials/trial_0")
+    assert (tuner_dir / record["trial_dir"]).is_dir()
     flagfile = tuner_dir / tune_cli.FLAGFILE
     lines = flagfile.read_text().splitlines()
+    comment = " ".join(line.lstrip("# ") for line in lines if line.startswith("#"))
+    # 240 training images: 24 (10%) held out to score the trials, 216 trained on.
+    assert f"trial 1 of {tuner_dir} (trials/trial_0)" in comment
+    assert ("Trials trained on 216 examples of the training set and were scored on "
+            "24 held-out ones (--validation_fraction=0.1). This run retrains trial 1 "
+            "on the whole training set, the held-out part included "
+            "(--validation_fraction=0), and evaluates it on the test split.") in comment
     assert "--validation_fraction=0.0" in lines
     assert f"--pskd_alpha={record['hyperparameters']['pskd_alpha']!r}" in lines
 
@@ -180,6 +196,9 @@ def test_cli_search_writes_a_flagfile_that_retrains_the_winner(npz, tmp_path):
     used = json.loads((run_dir / "flags.json").read_text())
     assert used["pskd_alpha"] == record["hyperparameters"]["pskd_alpha"]
     assert used["validation_fraction"] == 0.0
+    # As best.flags says: all 240 training images, one PS-KD table row each.
+    retrained = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    assert retrained.soft_target_table.shape[0] == NUM_TRAIN
 
 
 def test_cli_rejects_a_bad_flag_in_one_line_and_writes_nothing(tmp_path):

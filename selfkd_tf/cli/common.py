@@ -1,53 +1,79 @@
-"""Command-line plumbing shared by ``selfkd-train``, ``selfkd-eval`` and ``selfkd-export``.
+"""Start-up of the TensorFlow commands: ``selfkd-train``, ``-eval``, ``-export``, ``-tune``.
 
-Bad input ends a command with one line on stderr,
-``<program>: error: --<flag>: <problem>``, and exit status 2, never a
-traceback: flag parsing errors, `selfkd_tf.experiment.SettingsError` (which
-wraps the library's `ValueError` and `DataError` met at start-up) alike.
+Importing this module imports TensorFlow with its C++ start-up messages
+hidden, so it is imported before anything that imports TensorFlow. On a
+machine without a GPU, TensorFlow prints, at every start, that it found no
+CUDA driver, an ``E0000 ... failed call to cuInit`` "error", absl's
+``WARNING: All log messages before absl::InitializeLog() ...`` notice and
+oneDNN/CPU-instruction banners. The driver line and absl's notice come
+twice, because ``libtensorflow_framework.so`` and
+``_pywrap_profiler_plugin.so`` each carry their own copy of the CUDA stub
+and of absl's logging. They are written by
+C++ while the libraries load (before ``TF_CPP_MIN_LOG_LEVEL`` takes effect)
+and when the devices are first listed, so the import and the device listing
+run with the process's stderr (file descriptor 2) sent to a temporary file,
+which is replayed if the import fails.
 
-Importing this module quiets TensorFlow's C++ start-up logging (unless
-``TF_CPP_MIN_LOG_LEVEL`` is set), so it is imported before TensorFlow.
+``SELFKD_VERBOSE_TF=1``, or ``TF_CPP_MIN_LOG_LEVEL`` set to 0 or 1, shows
+the messages. ``TF_CPP_MIN_LOG_LEVEL`` defaults to 2 (TensorFlow's warnings
+and errors after start-up are shown, its INFO lines are not).
+
+The plumbing shared with ``selfkd-report`` (help, flagfile checks, one-line
+errors) lives in `selfkd_tf.cli.program` and is re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable, NoReturn
+import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from selfkd_tf.cli.program import USAGE_ERROR, fail, flag_message, run
 
-from absl import app, flags, logging  # noqa: E402
+__all__ = ["USAGE_ERROR", "VERBOSE_ENV", "fail", "flag_message", "run"]
 
-USAGE_ERROR = 2
-
-
-def fail(program: str, message: str, status: int = USAGE_ERROR) -> NoReturn:
-    """Prints ``<program>: error: <message>`` on one line and exits."""
-    print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(status)
+VERBOSE_ENV = "SELFKD_VERBOSE_TF"
+"""Environment variable that, set to 1, shows TensorFlow's start-up messages."""
 
 
-def flag_message(error) -> str:
-    """``"--flag: problem"`` for a `SettingsError`, its text otherwise."""
-    flag = getattr(error, "flag", None)
-    return f"--{flag}: {error.problem}" if flag else str(error)
+def _shows_startup_messages() -> bool:
+    if os.environ.get(VERBOSE_ENV, "0").strip() not in ("", "0"):
+        return True
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() in ("0", "1")
 
 
-def run(main: Callable[[list[str]], int | None], program: str) -> None:
-    """`absl.app.run` with flag-parsing errors reported as one line."""
-
-    def parse(argv: list[str]) -> list[str]:
+@contextlib.contextmanager
+def _stderr_held():
+    """Sends file descriptor 2 to a temporary file; replays it on an exception."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
         try:
-            remaining = flags.FLAGS(argv)
-        except flags.Error as err:
-            fail(program, err)
-        if len(remaining) > 1:
-            fail(program, f"unexpected arguments: {' '.join(remaining[1:])}")
-        # TensorFlow logs routine work (e.g. every checkpoint save) at INFO,
-        # which absl would print; --verbosity=0 brings it back.
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)
-        return remaining
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
-    app.run(main, flags_parser=parse)
+
+def _import_tensorflow() -> None:
+    if _shows_startup_messages():
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _stderr_held():
+        import tensorflow as tf
+
+        # Loads the CUDA platform, which reports cuInit's failure on a
+        # machine without a GPU.
+        tf.config.list_physical_devices("GPU")
+
+
+_import_tensorflow()

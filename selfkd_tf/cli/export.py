@@ -1,15 +1,20 @@
-"""``selfkd-export``: export one classifier of a trained model as a SavedModel.
+"""``selfkd-export``: export a classifier of a trained model as a SavedModel.
 
 Usage:
 
     selfkd-export --model=runs/cifar100_resnet18_pskd --out=export/deepest
     selfkd-export --model=runs/a/model.keras --exit=2 --out=export/exit2
     selfkd-export --model=runs/a --exit=ensemble --out=export/ensemble
+    selfkd-export --model=runs/a --exit=cascade --threshold=0.9 --out=export/cascade
 
-The SavedModel takes raw pixels (0..255, float32 or uint8) and returns
-``probabilities``, ``logits`` and ``class_ids``; it holds only the layers the
-chosen exit needs (see `selfkd_tf.export`). The command prints the export's
-parameters and FLOPs next to the training model's.
+The SavedModel takes raw pixels (0..255, float32 or uint8, resized to the
+model's size when they have another) and returns ``probabilities``,
+``logits``, ``class_ids`` and ``class_names`` (a cascade also ``exit_ids``);
+a single-exit export holds only the layers the chosen exit needs, a cascade
+skips the deeper stages for the images a shallow exit is sure of (see
+`selfkd_tf.export` and `selfkd_tf.cascade`). The class names are the run's
+dataset's unless ``--class_names`` gives them. The command prints the
+export's parameters and FLOPs next to the training model's.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 
 from absl import flags  # noqa: E402
 
+from selfkd_tf import data  # noqa: E402
 from selfkd_tf import experiment  # noqa: E402
 from selfkd_tf import export as export_lib  # noqa: E402
+from selfkd_tf.cli import model_flags  # noqa: E402
 
 PROGRAM = "selfkd-export"
 
@@ -27,25 +34,69 @@ flags.DEFINE_string("model", None, "A run directory or a .keras file.")
 flags.DEFINE_string("out", None, "The SavedModel directory to write.")
 flags.DEFINE_string(
     "exit", "deepest", "The classifier served: deepest, an exit index 1..N "
-    "(1 is the shallowest), or ensemble (mean of all exits' probabilities).")
+    "(1 is the shallowest), ensemble (mean of all exits' probabilities), or "
+    "cascade (each image answered by the first exit whose top probability "
+    "reaches --threshold, else by the deepest).")
+flags.DEFINE_float(
+    "threshold", None, "With --exit=cascade: the default confidence "
+    "threshold, >= 0 (0 answers every image at exit 1, above 1 only at the "
+    "deepest exit). Clients may pass another per call. selfkd-eval "
+    "--early_exit --target_accuracy picks one on validation data.")
+flags.DEFINE_list(
+    "class_names", None, "The class names, comma-separated in class-id order; "
+    "default: those of the run's dataset ('0', '1', ... for a .keras file "
+    "outside a run directory).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.mark_flags_as_required(["model", "out"])
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(model_flags)  # --helpshort lists it
+
+
+def _class_names(trained: experiment.TrainedModel) -> list[str] | None:
+    """``--class_names``, else the run's dataset's, else None."""
+    if FLAGS.class_names is not None or trained.settings is None:
+        return FLAGS.class_names
+    try:
+        arrays = data.load_arrays(trained.settings.dataset, trained.settings.data_dir)
+    except data.DataError as err:
+        raise experiment.SettingsError(
+            "class_names", f"cannot read them from the run's dataset ({err}); "
+            "pass them with --class_names") from err
+    return list(arrays.class_names)
+
+
+def _flag_error(error: ValueError) -> experiment.SettingsError:
+    """A library ``"<argument>: <problem>"`` error as the flag's error."""
+    flag, _, problem = str(error).partition(": ")
+    return experiment.SettingsError(flag, problem)
 
 
 def main(argv: list[str]) -> int:
     del argv
     try:
-        model = experiment.load_trained_model(FLAGS.model).model
+        trained = experiment.load_trained_model(FLAGS.model, model_flags.safe_mode())
+        model = trained.model
+        try:
+            export_lib.check_export_arguments(
+                model, FLAGS.out, FLAGS.exit, FLAGS.overwrite, FLAGS.threshold)
+        except ValueError as err:
+            raise _flag_error(err) from err
+        # Read only once the flags are known to be good: it may decode the
+        # whole dataset.
+        class_names = _class_names(trained)
         try:
             summary = export_lib.export_saved_model(
-                model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite)
+                model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite,
+                threshold=FLAGS.threshold, class_names=class_names)
         except ValueError as err:
-            flag, _, problem = str(err).partition(": ")
-            raise experiment.SettingsError(flag, problem) from err
+            raise _flag_error(err) from err
     except experiment.SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
-    print(f"Exported exit {summary.exit} of {model.num_exits} to {summary.path}")
+    if summary.threshold is None:
+        print(f"Exported exit {summary.exit} of {model.num_exits} to {summary.path}")
+    else:
+        print(f"Exported the {model.num_exits}-exit cascade (threshold "
+              f"{summary.threshold:g}) to {summary.path}")
     print(summary.table())
     return 0
 

@@ -1,33 +1,44 @@
-"""Builds the comparison tables and figures of training runs.
-
-Writes `table1.md`, `table2.md`, `figure2.png` and, per run,
-`reliability_<run>.png` and `curves_<run>.png` (see `selfkd_tf.report`).
+"""``selfkd-report``: comparison tables and figures of training runs.
 
 Usage:
 
     selfkd-report --runs=runs/resnet18_baseline,runs/resnet18_pskd --out=report
     selfkd-report --runs='runs/cifar100_*' --out=report
-    selfkd-report --runs=runs --out=report
+    selfkd-report --runs=runs --out=report --metrics_file=metrics_test.json
 
-On a missing or unusable run the command prints one error line naming the
-directory, writes nothing and exits with status 1.
+Writes `table1.md`, `table2.md`, `figure2.png` and, per run,
+`reliability_<run>.png` and `curves_<run>.png` (see `selfkd_tf.report`).
+Directories under ``--runs`` are searched through symbolic links. Runs that
+cannot be reported yet (training not finished, no ``--metrics_file``) or at
+all (unreadable files) are skipped: each is named with the reason on stderr
+and at the end of the tables. A table whose runs are not comparable (other
+numbers of scored examples, image sizes or numbers of exits) says so.
+
+Exit status: 0 when the report is written (also with skipped runs); 2 when a
+``--runs`` entry matches no run directory, when no run can be reported, or
+for a bad flag; 1 when ``--out`` cannot be written (one error line each,
+nothing written).
 """
 
+import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from selfkd_tf import report
+from selfkd_tf import runs as runs_lib
+from selfkd_tf.cli import program
 
+PROGRAM = "selfkd-report"
 FLAGS = flags.FLAGS
 
 flags.DEFINE_list(
     "runs", None,
     "Comma-separated run specifications. Each is a run directory (holding "
     "metrics.json and optionally flags.json and history.csv), a parent "
-    "directory searched recursively for runs, or a quoted glob pattern such "
-    "as 'runs/*'. Runs are named by the shortest distinguishing suffix of "
-    "their path.")
+    "directory searched recursively for runs (following symbolic links), or "
+    "a quoted glob pattern such as 'runs/*'. Runs are named by the shortest "
+    "distinguishing suffix of their path.")
 flags.DEFINE_string(
     "out", None,
     "Output directory, created if missing; files of the same name are "
@@ -41,24 +52,38 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["runs", "out"])
 
 
+def _warnings_on_one_line() -> None:
+    """The report's warnings as ``selfkd-report: ...``, not absl's log format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(message)s"))
+    logger = logging.getLogger(report.__name__)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # program.run rejects positional arguments
+    _warnings_on_one_line()
     try:
-        runs = report.load_runs(FLAGS.runs, FLAGS.metrics_file)
-        written = report.write_report(runs, FLAGS.out)
-    except (ValueError, OSError) as err:
-        # One line, whatever the message (e.g. a JSON error) contains.
-        print(f"selfkd-report: error: {' '.join(str(err).split())}",
-              file=sys.stderr)
-        return 1
+        found = runs_lib.load_runs(FLAGS.runs, FLAGS.metrics_file)
+    except runs_lib.RunDataError as err:
+        program.fail(PROGRAM, err)
+    for skipped in found.skipped:
+        print(f"{PROGRAM}: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+    if not found.runs:
+        program.fail(PROGRAM, f"no run to report: all {len(found.skipped)} "
+                     "run directories were skipped (see above)")
+    try:
+        written = report.write_report(found.runs, FLAGS.out, found.skipped)
+    except OSError as err:
+        program.fail(PROGRAM, f"--out: cannot write {FLAGS.out}: {err}", status=1)
     for path in written:
         print(path)
     return 0
 
 
 def run() -> None:
-    app.run(main)
+    program.run(main, PROGRAM)
 
 
 if __name__ == "__main__":

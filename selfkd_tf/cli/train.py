@@ -9,34 +9,81 @@ Every field of `selfkd_tf.experiment.TrainSettings` is a flag
 (``--helpshort`` lists them). The run directory (``--model_dir``) receives
 ``flags.json``, ``history.csv``, ``tensorboard/``, ``checkpoints/``,
 ``model.keras`` and ``metrics.json``. Rerunning the same command resumes a
-killed run from its last checkpoint.
+killed run from its last checkpoint. At the end the command prints the
+scores, where the run's files are and the commands that use them
+(``selfkd-eval``, ``selfkd-export``, ``selfkd-report``, ``tensorboard``).
 
 Exit status: 0 on success; 2 for invalid flags or data (one error line,
 nothing written); 1 when the loss diverges (the last good checkpoint is
-kept).
+kept); 75 when a multi-worker cluster lost a worker (rerun every worker);
+130 after Ctrl-C (one line says where; rerunning resumes).
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+
 from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags  # noqa: E402
 
+from selfkd_tf import cluster  # noqa: E402
 from selfkd_tf import experiment  # noqa: E402
 from selfkd_tf.cli import flags as train_flags  # noqa: E402
 
 PROGRAM = "selfkd-train"
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 flags.adopt_module_key_flags(train_flags)  # --helpshort lists them
+
+
+def next_steps(run_dir: str) -> str:
+    """Where a finished run's files are, and the commands that use them.
+
+    ``run_dir`` is shown as given (relative paths stay relative, so the
+    commands work from the directory training ran in).
+    """
+    def path(*names: str) -> str:
+        return shlex.quote(os.path.join(run_dir, *names))
+
+    return "\n".join([
+        f"Run directory: {path()}",
+        f"  model:    {path(experiment.MODEL_FILE)}",
+        f"  metrics:  {path(experiment.METRICS_FILE)}",
+        f"  history:  {path(experiment.HISTORY_FILE)}",
+        "Next:",
+        f"  selfkd-eval --model={path()}  # every exit on the whole evaluation split",
+        f"  selfkd-export --model={path()} --out={path('export')}  # SavedModel of the deepest exit",
+        f"  selfkd-report --runs={path()} --out={path('report')}  # tables and figures",
+        f"  tensorboard --logdir={path(experiment.TENSORBOARD_DIR)}",
+    ])
 
 
 def main(argv: list[str]) -> int:
     del argv  # common.run rejects positional arguments
     try:
-        record = experiment.train(train_flags.settings_from_flags())
+        settings = train_flags.settings_from_flags()
+        record = experiment.train(settings)
     except experiment.SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     except experiment.TrainingDivergedError as err:
         common.fail(PROGRAM, err, status=1)
+    except KeyboardInterrupt as err:
+        # Checkpoints and run files are written whole, so a rerun resumes.
+        common.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
+                    else "interrupted; rerun the same command to resume",
+                    status=INTERRUPTED)
+    except cluster.WORKER_FAILURES as err:
+        if settings.distribute != "multiworker":
+            raise
+        common.fail(PROGRAM, cluster.describe_worker_failure(err),
+                    status=cluster.LOST_WORKER_EXIT)
+    scored = record.get("num_examples")
+    print(f"\n{record['dataset']} ({record['split']} split"
+          f"{f', {scored} examples' if scored else ''}):")
     print(experiment.format_metrics_table(record))
+    print()
+    print(next_steps(settings.model_dir or settings.default_model_dir()))
     return 0
 
 

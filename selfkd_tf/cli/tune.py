@@ -24,8 +24,12 @@ afresh.
 At the end the command prints the best trials and writes, in
 ``--tuner_dir``, ``best_hyperparameters.json`` and ``best.flags``, a
 flagfile for ``selfkd-train`` that retrains the winner on the whole training
-set (``--validation_fraction=0``, evaluation on the test split) into
-``--model_dir`` (default ``<tuner_dir>/best_run``).
+set, the held-out part included (``--validation_fraction=0``; a
+``--train_examples`` cap still applies), evaluates it on the test split, and
+writes it into ``--model_dir`` (default ``<tuner_dir>/best_run``); its
+comment says so with the numbers of examples. Trials are numbered from 1 in
+Keras Tuner's log, the table and ``best.flags``; trial 1 lives in
+``trials/trial_0`` (the table's last column).
 
 Exit status: 0 on success; 2 for invalid flags or data (one error line,
 nothing written); 1 when no trial completed.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import os
+import textwrap
 
 from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags
@@ -48,6 +53,7 @@ PROGRAM = "selfkd-tune"
 FLAGFILE = "best.flags"
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(train_flags)  # --help lists them
 _DEFAULTS = tuning.TuneSettings()
 
 
@@ -149,11 +155,11 @@ def flagfile_text(settings: experiment.TrainSettings, comment: str = "") -> str:
 
 def _trials_table(result: tuning.SearchResult, count: int) -> str:
     names = list(result.trials[0].hyperparameters)
-    header = ["rank", "trial", result.objective, "epoch", *names]
+    header = ["rank", "trial", result.objective, "epoch", *names, "directory"]
     rows = [
-        [str(rank), trial.trial_id, f"{trial.score:.4f}",
+        [str(rank), str(trial.number), f"{trial.score:.4f}",
          f"{trial.best_epoch}/{trial.epochs}",
-         *(f"{trial.hyperparameters[n]:.4g}" for n in names)]
+         *(f"{trial.hyperparameters[n]:.4g}" for n in names), trial.directory]
         for rank, trial in enumerate(result.trials[:count], start=1)
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -182,15 +188,16 @@ def main(argv: list[str]) -> int:
     print(f"\nBest trials of {result.tuner_dir} ({result.objective}, {direction} is better):")
     print(_trials_table(result, FLAGS.num_best))
     flagfile = os.path.join(result.tuner_dir, FLAGFILE)
+    note = textwrap.fill(result.retraining_note(), width=76)
     comment = (
-        f"Written by {PROGRAM}. Retrains trial {best.trial_id} of {result.tuner_dir}\n"
-        f"({result.objective} {best.score:.4f}) on the whole training set and\n"
-        "evaluates it on the test split:\n"
+        f"Written by {PROGRAM}: trial {best.number} of {result.tuner_dir}\n"
+        f"({best.directory}), {result.objective} {best.score:.4f}.\n"
+        f"{note}\n"
         f"  selfkd-train --flagfile={flagfile}"
     )
     files.write_atomically(flagfile, flagfile_text(result.retrain, comment))
     print(f"\nWrote {os.path.join(result.tuner_dir, tuning.BEST_HYPERPARAMETERS_FILE)}"
-          f" and {flagfile}.\nRetrain the best trial with:\n"
+          f" and {flagfile}.\n{note}\nRetrain trial {best.number} with:\n"
           f"  selfkd-train --flagfile={flagfile}")
     return 0
 

@@ -46,6 +46,21 @@ def batch_norm(sync_batchnorm: bool, name: str) -> keras.layers.Layer:
     )
 
 
+def _project(layer: keras.layers.Conv2D, patches):
+    """`layer`'s bias and activation applied to `patches @ kernel`.
+
+    `patches` has shape `(batch, height, width, k * k * channels)`, each
+    patch's values in the kernel's row-major `(row, column, channel)` order.
+    """
+    kernel = tf.reshape(layer.kernel, (-1, layer.filters))
+    outputs = tf.einsum("bhwi,io->bhwo", patches, kernel)
+    if layer.use_bias:
+        outputs = outputs + layer.bias
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
+
+
 @keras.saving.register_keras_serializable(package="selfkd_tf")
 class PatchConv2D(keras.layers.Conv2D):
     """A `Conv2D` whose kernel size equals its stride, as a patch projection.
@@ -95,18 +110,130 @@ class PatchConv2D(keras.layers.Conv2D):
 
     def call(self, inputs):
         size = self.kernel_size[0]
-        height = inputs.shape[1] // size * size
-        width = inputs.shape[2] // size * size
-        patches = tf.nn.space_to_depth(inputs[:, :height, :width, :], size)
-        # space_to_depth orders a patch's values as (row, column, channel),
-        # the row-major order of the kernel's first three axes.
-        kernel = tf.reshape(self.kernel, (-1, self.filters))
-        outputs = tf.einsum("bhwi,io->bhwo", patches, kernel)
-        if self.use_bias:
-            outputs = outputs + self.bias
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        # Static sizes where known keep the output shape static; images of
+        # any size (`input_shape=(None, None, 3)`) need the dynamic ones.
+        dynamic = tf.shape(inputs)
+        height, width = (
+            (inputs.shape[axis] or dynamic[axis]) // size * size for axis in (1, 2)
+        )
+        # space_to_depth orders a patch's values as (row, column, channel).
+        return _project(
+            self, tf.nn.space_to_depth(inputs[:, :height, :width, :], size)
+        )
+
+
+@keras.saving.register_keras_serializable(package="selfkd_tf")
+class Conv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D` computing a strided `1 x 1` case as subsample + matmul.
+
+    A `1 x 1` convolution with stride `s` (the projection shortcut of a
+    downsampling block) reads the pixels at rows and columns `0, s, 2s, ...`
+    and nothing else, under `"same"` as under `"valid"` padding (neither
+    pads a `1 x 1` kernel). So it equals `x[:, ::s, ::s, :]` followed by one
+    matrix product with the kernel, which this layer computes instead of
+    calling the CPU convolution kernels: oneDNN's strided `1 x 1`
+    convolution is the one kernel of these networks reported to abort
+    training (few input channels, a small last batch). Every other
+    configuration is computed by `keras.layers.Conv2D` itself.
+
+    Weights, variable names and the configuration are those of
+    `keras.layers.Conv2D`. The class keeps Keras's name because a `.keras`
+    file stores weights under the snake-cased class name (`conv2d_7`):
+    networks saved with plain `Conv2D` shortcuts and networks built with
+    this layer lay their weights out identically, so either loads the
+    other's files.
+
+    Example:
+
+    >>> layer = Conv2D(16, 1, strides=2, padding="same")
+    >>> layer(np.zeros((2, 7, 7, 8), "float32")).shape
+    (2, 4, 4, 16)
+
+    Input shape: `(batch, height, width, channels)`.
+    Output shape: as `keras.layers.Conv2D`; for a `1 x 1` kernel with
+    stride `s`, `(batch, ceil(height / s), ceil(width / s), filters)`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._subsamples = _is_strided_pointwise(
+            kernel_size=self.kernel_size, strides=self.strides,
+            groups=self.groups, dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+
+    def call(self, inputs):
+        if not self._subsamples:
+            return super().call(inputs)
+        rows, columns = self.strides
+        return _project(self, inputs[:, ::rows, ::columns, :])
+
+
+def _is_strided_pointwise(
+    kernel_size=(1, 1), strides=(1, 1), groups=1, dilation_rate=(1, 1),
+    data_format="channels_last", **_,
+) -> bool:
+    """Whether `Conv2D` arguments (or a config) describe a strided 1x1
+    convolution that `Conv2D` computes as a matrix product."""
+    return (
+        tuple(kernel_size) == (1, 1)
+        and tuple(strides) != (1, 1)
+        and groups == 1
+        and tuple(dilation_rate) == (1, 1)
+        and data_format == "channels_last"
+    )
+
+
+def upgrade_strided_pointwise(config: dict) -> dict:
+    """A serialized functional model with its strided 1x1 convolutions as `Conv2D`.
+
+    Networks saved before their projection shortcuts were built with this
+    package's `Conv2D` hold `keras.layers.Conv2D` there, which calls the CPU
+    convolution kernels. The two compute the same function with the same
+    weights, laid out the same way in a `.keras` file, so loading such a
+    file through this config gives the same outputs. Every other entry is
+    returned unchanged.
+
+    Args:
+        config: `keras.saving.serialize_keras_object` of a functional model
+            (or the same read from a `.keras` file).
+
+    Returns:
+        A copy of `config`; the input is not modified.
+
+    Example:
+
+    >>> config = keras.saving.serialize_keras_object(saved_backbone)
+    >>> backbone = keras.saving.deserialize_keras_object(
+    ...     upgrade_strided_pointwise(config))
+    """
+    layers = config.get("config", {}).get("layers")
+    if not isinstance(layers, list):
+        return config
+    identity = {
+        "module": Conv2D.__module__,
+        "class_name": Conv2D.__name__,
+        "registered_name": keras.saving.get_registered_name(Conv2D),
+    }
+
+    def upgraded(layer):
+        if not (
+            isinstance(layer, dict)
+            and layer.get("module") == "keras.layers"
+            and layer.get("class_name") == "Conv2D"
+            and isinstance(layer.get("config"), dict)
+        ):
+            return layer
+        try:
+            pointwise = _is_strided_pointwise(**layer["config"])
+        except TypeError:  # Malformed; Keras reports it when it loads.
+            return layer
+        return {**layer, **identity} if pointwise else layer
+
+    return {
+        **config,
+        "config": {**config["config"], "layers": [upgraded(l) for l in layers]},
+    }
 
 
 def _pad_for_stride(x, kernel_size: int, strides: int, name: str):
@@ -136,7 +263,9 @@ def conv2d(
     """2D convolution with PyTorch padding semantics.
 
     A `"valid"` convolution whose kernel size equals its stride is built as a
-    `PatchConv2D`, which computes the same function with the same weights.
+    `PatchConv2D`, and a strided `1 x 1` convolution as this module's
+    `Conv2D`; both compute the same function with the same weights as
+    `keras.layers.Conv2D`.
 
     Args:
         x: Input tensor of shape `(batch, height, width, channels)`.
@@ -157,7 +286,10 @@ def conv2d(
     if padding == "same":
         x, padding = _pad_for_stride(x, kernel_size, strides, name)
     patchwise = kernel_size == strides > 1 and padding == "valid" and groups == 1
-    layer = PatchConv2D if patchwise else keras.layers.Conv2D
+    pointwise = kernel_size == 1 and strides > 1 and groups == 1
+    layer = (
+        PatchConv2D if patchwise else Conv2D if pointwise else keras.layers.Conv2D
+    )
     return layer(
         filters,
         kernel_size,
