@@ -12,9 +12,9 @@ Example:
 
 ```python
 read_tf_config()  # {"cluster": {"worker": [...]}, "task": {...}}, or None
-strategy = selfkd_tf.make_strategy("multiworker")
-out = worker_directory("runs/a", strategy)  # "runs/a" on the chief
+strategy = selfkd_tf.distribute.make_strategy("multiworker")
 check_workers_agree(strategy, {"lr": 0.1}, Position(epoch=3, step=0))
+out = worker_directory("runs/a", strategy)  # "runs/a" on the chief
 ```
 """
 
@@ -140,19 +140,6 @@ def read_tf_config() -> dict | None:
     return None if text is None else parse_tf_config(text)
 
 
-def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
-    """Whether ``strategy`` is a `MultiWorkerMirroredStrategy` over several workers.
-
-    This is the condition under which Keras's trainer takes its multi-worker
-    branches: a ``TF_CONFIG`` cluster with more than one ``chief`` or
-    ``worker`` task.
-    """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
-    spec = strategy.cluster_resolver.cluster_spec()
-    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) > 1
-
-
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the run's results (always, outside a cluster)."""
     return strategy.extended.should_checkpoint
@@ -196,7 +183,7 @@ def check_workers_agree(strategy: tf.distribute.Strategy, settings: dict, positi
 
     Args:
         strategy: the run's strategy; nothing is checked outside multi-worker
-            mode (`in_multi_worker_mode`).
+            mode (`selfkd_tf.multiworker.in_multi_worker_mode`).
         settings: the JSON form of the settings that must agree.
         position: where this worker resumes, with ``epoch`` and ``step``
             (a `selfkd_tf.checkpointing.Position`).
@@ -209,6 +196,9 @@ def check_workers_agree(strategy: tf.distribute.Strategy, settings: dict, positi
     >>> from selfkd_tf.checkpointing import Position
     >>> check_workers_agree(tf.distribute.get_strategy(), {"lr": 0.1}, Position(3, 0))
     """
+    # Imported here: selfkd_tf.training needs multiworker while it imports.
+    from selfkd_tf.multiworker import in_multi_worker_mode
+
     if not in_multi_worker_mode(strategy):
         return
     local = tf.constant([[_fingerprint(settings), position.epoch, position.step]], tf.int64)

@@ -8,6 +8,8 @@ Every knob is a field of `TrainSettings`, whose field names are also the
 A run directory (``settings.model_dir``) holds:
 
 - ``flags.json``: the resolved settings (`TrainSettings.to_json`);
+- ``data.json``: what the run trains on (`run_directory.DataFingerprint`),
+  so that a resumed run refuses data that changed;
 - ``history.csv``: one row per epoch (`selfkd_tf.callbacks.HistoryCSV`),
   epochs numbered from 1 as on the console, with an ``epoch_time_s`` column;
 - ``tensorboard/``: TensorBoard scalars of every logged value (loss terms,
@@ -20,8 +22,11 @@ A run directory (``settings.model_dir``) holds:
 
 Running `train` again on an existing directory resumes it from its last
 checkpoint, or returns its metrics when it has finished; settings that would
-change the result (`RESUME_SAFE_FIELDS` lists those that would not) must
-match, unless ``overwrite`` starts the run afresh.
+change the result (`RESUME_SAFE_FIELDS` lists those that would not) and the
+data must match, unless ``overwrite`` starts the run afresh. The directory's
+files are read as untrusted (`selfkd_tf.run_directory`): anything malformed,
+or a link through which training would write elsewhere, is refused in one
+line before anything is written.
 
 Example:
 
@@ -715,8 +720,9 @@ def _check_same_data(run_dir: str, info: data_lib.DatasetInfo) -> None:
 
 def _resume_error(run_dir: str, err: checkpointing.CheckpointError) -> SettingsError:
     return SettingsError(
-        "model_dir", f"cannot resume {run_dir}: {err}; choose another "
-        "--model_dir, or pass --overwrite to start it afresh")
+        "model_dir", f"cannot resume {run_dir}: {err}; rerun with the data "
+        "and settings it was trained with, choose another --model_dir, or pass "
+        "--overwrite to start it afresh")
 
 
 def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:

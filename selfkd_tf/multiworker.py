@@ -49,13 +49,24 @@ import warnings
 
 import tensorflow as tf
 
-from selfkd_tf.cluster import in_multi_worker_mode
-
 DEFECT_BATCH_REDUCE = "batch_reduce"
 """`_maybe_symbolic_build` reduces a batch structure in one `reduce` call."""
 
 DEFECT_SCALAR_LOGS = "scalar_logs"
 """``reduce_per_replica`` reduces scalar logs along ``axis=0``."""
+
+
+def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` is a `MultiWorkerMirroredStrategy` over several workers.
+
+    This is the condition under which Keras's trainer takes its multi-worker
+    branches: a ``TF_CONFIG`` cluster with more than one ``chief`` or
+    ``worker`` task.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) > 1
 
 
 # -- detection ----------------------------------------------------------------

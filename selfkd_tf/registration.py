@@ -8,8 +8,10 @@ the gap: as soon as both Keras and this package are imported, in either
 order, the modules holding serialisable classes are imported too.
 
 Keras and TensorFlow each import the other part-way through their own
-import, and the registering modules use both, so registration waits until
-neither import is still running. A small import hook does the waiting;
+import, and the registering modules use both and import the package's other
+modules, so registration waits until neither Keras, TensorFlow nor any module
+of this package is still being imported (e.g. ``import selfkd_tf.callbacks``
+imports Keras half-way through its own code). A small import hook does the waiting;
 general-purpose post-import hooks (``wrapt``) cost more start-up time than
 the package's whole import.
 
@@ -32,16 +34,21 @@ SERIALIZABLE_MODULES = (
 """The modules whose classes carry `keras.saving.register_keras_serializable`."""
 
 _WATCHED = ("keras", "tensorflow")
+_PACKAGE = "selfkd_tf"
+
+
+def _watched(name: str) -> bool:
+    return name in _WATCHED or name.startswith(_PACKAGE + ".")
+
+
+def _initializing(name: str, finished: str | None) -> bool:
+    # importlib marks a module whose code is still running.
+    return name != finished and getattr(
+        getattr(sys.modules.get(name), "__spec__", None), "_initializing", False)
 
 
 def _fully_imported(name: str, finished: str | None) -> bool:
-    if name == finished:
-        return True
-    module = sys.modules.get(name)
-    # importlib marks a module whose code is still running.
-    return module is not None and not getattr(
-        getattr(module, "__spec__", None), "_initializing", False
-    )
+    return name in sys.modules and not _initializing(name, finished)
 
 
 def register_serializables(finished: str | None = None) -> bool:
@@ -53,11 +60,15 @@ def register_serializables(finished: str | None = None) -> bool:
 
     Returns:
         Whether the classes are registered (False while Keras is not
-        imported, or it or TensorFlow is still being imported).
+        imported, or it, TensorFlow or a module of this package is still
+        being imported).
     """
     if not _fully_imported("keras", finished):
         return False
     if "tensorflow" in sys.modules and not _fully_imported("tensorflow", finished):
+        return False
+    if any(_initializing(name, finished) for name in list(sys.modules)
+           if name == _PACKAGE or name.startswith(_PACKAGE + ".")):
         return False
     for name in SERIALIZABLE_MODULES:
         importlib.import_module(name)
@@ -66,14 +77,15 @@ def register_serializables(finished: str | None = None) -> bool:
 
 class _AfterImport:
     """A `sys.meta_path` finder that runs `register_serializables` after
-    each watched module is executed.
+    each watched module (Keras, TensorFlow, this package's modules) is
+    executed.
 
     It finds the module's spec with the finders after it and wraps that
     loader's ``exec_module``; it removes itself once registration is done.
     """
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _WATCHED:
+        if not _watched(fullname):
             return None
         finders = sys.meta_path[sys.meta_path.index(self) + 1:]
         spec = next(
@@ -100,8 +112,12 @@ class _AfterImport:
 
 
 def register_on_keras_import() -> None:
-    """Registers the classes now, or as soon as Keras has been imported."""
-    if register_serializables():
+    """Registers the classes now, or as soon as Keras has been imported.
+
+    Called at the end of the package's ``__init__``, which importlib still
+    marks as running.
+    """
+    if register_serializables(_PACKAGE):
         return
     if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())

@@ -45,6 +45,10 @@ IMPORTS = {
     "keras first": "import keras, selfkd_tf",
     "package, then keras": "import selfkd_tf, keras",
     "package, then tensorflow": "import selfkd_tf, tensorflow, keras",
+    # A module of the package that imports Keras half-way through its own
+    # code: registering then would import it again, half-initialised.
+    "callbacks module first": "import selfkd_tf.callbacks, keras",
+    "multiworker module first": "import selfkd_tf.multiworker, keras",
 }
 
 
