@@ -574,7 +574,16 @@ def _renormalized(dataset: tf.data.Dataset, info, model: SelfKDModel) -> tf.data
 
     They differ when the statistics come from other data (another dataset,
     or another subset of it); both are affine, so one multiply-add converts.
+
+    Raises:
+        SettingsError (flag ``model``): the model records no normalisation,
+            so what its inputs should be is unknown (as `selfkd_tf.export`).
     """
+    if model.input_mean is None or model.input_std is None:
+        raise SettingsError(
+            "model", "it records no input normalisation (input_mean, input_std), "
+            "so its inputs are unknown; build the SelfKDModel with the "
+            "input_mean and input_std of the data it trains on")
     mean, std = np.float32(info.mean), np.float32(info.std)
     model_mean, model_std = np.float32(model.input_mean), np.float32(model.input_std)
     if np.array_equal(mean, model_mean) and np.array_equal(std, model_std):

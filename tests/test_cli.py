@@ -11,7 +11,7 @@ import sys
 import pytest
 from absl import flags
 
-from cli_support import CONFIGS, REPO, last_line, run_cli, write_npz
+from cli_support import CONFIGS, REPO, environment, last_line, run_cli, write_npz
 from selfkd_tf import experiment
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import program
@@ -307,3 +307,18 @@ def test_bad_flagfile_is_one_error_line_and_exit_status_2(tmp_path, module):
         f"{flagfile}: not UTF-8 text (byte 0x89 at offset 11); a flagfile holds one "
         "--name=value per line"]
     assert not out.exists()
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130():
+    # The wrapper every selfkd-* command runs through, with a main that is
+    # interrupted (as Ctrl-C in selfkd-eval's or selfkd-export's work would).
+    script = (
+        "from selfkd_tf.cli import program\n"
+        "def main(argv):\n"
+        "    raise KeyboardInterrupt\n"
+        "program.run(main, 'selfkd-thing')\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=environment(),
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 130
+    assert result.stderr.strip() == "selfkd-thing: error: interrupted"

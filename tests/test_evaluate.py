@@ -96,3 +96,15 @@ def test_eval_command_reproduces_the_runs_metrics(run_dir, tmp_path):
     assert [row.split()[0] for row in table[2:5]] == ["1", "2", "ensemble"]
     assert table[-1] == f"Wrote {tmp_path / 'eval' / 'metrics.json'}"
 
+
+
+def test_a_model_without_its_normalisation_is_refused(run_dir, tmp_path):
+    trained = experiment.load_trained_model(str(run_dir))
+    model = trained.model
+    bare = type(model)(model.backbone, num_train_examples=model.num_train_examples,
+                       config=model.selfkd_config)
+    bare.save(tmp_path / "bare.keras")
+    lone = experiment.load_trained_model(str(tmp_path / "bare.keras"))
+    with pytest.raises(SettingsError, match="records no input normalisation") as error:
+        experiment.evaluate_trained(lone, dataset=trained.settings.dataset)
+    assert error.value.flag == "model"

@@ -6,6 +6,7 @@
   (its module docstring) and its own flags with their help texts, and exit
   0; ``--helpfull`` adds every other flag the process defines (absl's,
   TensorFlow's) and exits 0 as well.
+- Ctrl-C ends the command with one line and exit status 130 (`INTERRUPTED`).
 - Bad input ends the command with one line on stderr,
   ``<program>: error: <problem>``, and exit status 2, never a traceback:
   unknown flags and bad values, positional arguments, and flagfiles that
@@ -44,6 +45,9 @@ from absl import app, flags, logging
 
 USAGE_ERROR = 2
 """Exit status for bad flags or bad data."""
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
 FLAGFILE_MAX_BYTES = 1 << 20
 """Largest flagfile read: flagfiles are short lists of flags."""
@@ -249,4 +253,11 @@ def run(main: Callable[[list[str]], int | None], program: str) -> None:
             logging.set_verbosity(logging.WARNING)
         return remaining
 
-    app.run(main, flags_parser=parse)
+    def interruptible(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            # Commands write their files whole, so nothing is left half-written.
+            fail(program, "interrupted", status=INTERRUPTED)
+
+    app.run(interruptible, flags_parser=parse)

@@ -30,10 +30,9 @@ from absl import flags  # noqa: E402
 from selfkd_tf import cluster  # noqa: E402
 from selfkd_tf import experiment  # noqa: E402
 from selfkd_tf.cli import flags as train_flags  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
 
 PROGRAM = "selfkd-train"
-INTERRUPTED = 130
-"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 flags.adopt_module_key_flags(train_flags)  # --helpshort lists them
 
 
@@ -72,7 +71,7 @@ def main(argv: list[str]) -> int:
         # Checkpoints and run files are written whole, so a rerun resumes.
         common.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
                     else "interrupted; rerun the same command to resume",
-                    status=INTERRUPTED)
+                    status=program.INTERRUPTED)
     except cluster.WORKER_FAILURES as err:
         if settings.distribute != "multiworker":
             raise
