@@ -257,6 +257,7 @@ def run(main: Callable[[list[str]], int | None], program: str) -> None:
         try:
             return main(argv)
         except KeyboardInterrupt:
+            print(flush=True)  # ends a progress bar's line
             # Commands write their files whole, so nothing is left half-written.
             fail(program, "interrupted", status=INTERRUPTED)
 

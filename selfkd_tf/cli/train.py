@@ -68,6 +68,7 @@ def main(argv: list[str]) -> int:
     except experiment.TrainingDivergedError as err:
         common.fail(PROGRAM, err, status=1)
     except KeyboardInterrupt as err:
+        print(flush=True)  # ends the progress bar's line
         # Checkpoints and run files are written whole, so a rerun resumes.
         common.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
                     else "interrupted; rerun the same command to resume",
