@@ -49,6 +49,8 @@ import warnings
 
 import tensorflow as tf
 
+from selfkd_tf import replicas
+
 DEFECT_BATCH_REDUCE = "batch_reduce"
 """`_maybe_symbolic_build` reduces a batch structure in one `reduce` call."""
 
@@ -279,13 +281,7 @@ class MultiWorkerTrainer:
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if iterator is not None and self._routes_around(DEFECT_BATCH_REDUCE):
-            strategy = self.distribute_strategy
-            for _, _, batches in iterator:  # Keras's own way to the first batch
-                data_batch = tf.nest.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0]
-                    if isinstance(v, tf.distribute.DistributedValues) else v,
-                    next(batches))
-                break
+            data_batch = replicas.first_replica_batch(iterator, self.distribute_strategy)
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 

@@ -151,6 +151,17 @@ def share_overflow(gradients: list[tf.Tensor], context) -> list[tf.Tensor]:
     return [gradients[0] + tf.cast(poison, gradients[0].dtype), *gradients[1:]]
 
 
-def first_replica_part(batch, strategy: tf.distribute.Strategy):
-    """The first local replica's part of a distributed ``batch`` structure."""
-    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
+def first_replica_batch(iterator, strategy: tf.distribute.Strategy):
+    """The first local replica's part of the first batch of a Keras epoch iterator.
+
+    Building a model needs only shapes, and every replica's part has the
+    batch's structure and dtypes; the first part is always non-empty.
+    ``iterator`` yields ``(epoch, iterator, distributed iterator)`` as Keras's
+    ``TensorFlowTrainer`` reads it before the first step of ``fit``.
+    """
+    for _, _, batches in iterator:
+        return tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0]
+            if isinstance(v, tf.distribute.DistributedValues) else v,
+            next(batches))
+    return None

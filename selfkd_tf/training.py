@@ -268,10 +268,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         strategy = self.distribute_strategy
         if (iterator is not None and strategy.num_replicas_in_sync > 1
                 and not in_multi_worker_mode(strategy)):
-            for _, _, distributed in iterator:
-                data_batch = replicas.first_replica_part(next(distributed), strategy)
-                break
-            iterator = None
+            data_batch, iterator = replicas.first_replica_batch(iterator, strategy), None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # -- PS-KD table ----------------------------------------------------

@@ -4,16 +4,14 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
-import time
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
+from cluster_support import kill_at_checkpoint
 from run_dir_support import snapshot
 from selfkd_tf import checkpointing, experiment
 
@@ -26,36 +24,8 @@ def _train_args(dataset, run_dir, *extra):
             "--batch_size=16", "--save_every_steps=1", *extra]
 
 
-def _latest_number(run_dir) -> int | None:
-    path = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    return None if path is None else int(path.rsplit("-", 1)[1])
-
-
 def _is_mid_epoch_2(number) -> bool:
     return number is not None and number > STEPS_PER_EPOCH and number % STEPS_PER_EPOCH
-
-
-def _kill_mid_epoch(process: subprocess.Popen, run_dir) -> int:
-    """SIGKILLs ``process`` once its latest checkpoint is inside epoch 2.
-
-    Once a candidate checkpoint shows up, the process is frozen (SIGSTOP)
-    and the checkpoint read again, so the position seen is the one it is
-    killed at.
-    """
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        if _is_mid_epoch_2(_latest_number(run_dir)):
-            process.send_signal(signal.SIGSTOP)
-            number = _latest_number(run_dir)
-            if _is_mid_epoch_2(number):
-                process.kill()
-                process.wait()
-                return number
-            process.send_signal(signal.SIGCONT)
-        time.sleep(0.01)
-    process.kill()
-    raise AssertionError("no mid-epoch checkpoint appeared")
 
 
 def _history(run_dir):
@@ -76,7 +46,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
                 command(*_train_args(dataset, killed, "--deterministic")), cwd=REPO,
                 env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                number = _kill_mid_epoch(victim, killed)
+                number = kill_at_checkpoint(victim, killed / "checkpoints",
+                                            _is_mid_epoch_2, timeout=240)
             finally:
                 victim.kill()
             epoch, step = divmod(number, STEPS_PER_EPOCH)
