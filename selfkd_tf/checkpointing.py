@@ -7,7 +7,11 @@ resumed run needs to continue as if it had never stopped:
   statistics, the PS-KD teacher table, this epoch's staged predictions and
   ``a_t`` (`selfkd_tf.training.SelfKDModel` keeps them as weights);
 - the optimizer's variables: momentum and the step counter, which is also the
-  position in the learning-rate schedule;
+  position in the learning-rate schedule; and which form the momentum is in
+  (`selfkd_tf.optimizers.SGD`'s or Keras's), so a checkpoint written with
+  one resumes under the other without a jump (`optimizers.convert_momentum`);
+  checkpoints that do not say are Keras's, as selfkd_tf wrote them before
+  `selfkd_tf.optimizers.SGD`;
 - the running sums of the epoch's metrics, so a resumed epoch logs the same
   values as an uninterrupted one;
 - the `Position`: the next epoch, the batches of it already trained, and
@@ -52,11 +56,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from selfkd_tf import optimizers
+
 _POSITION_KEYS = {
     "epoch": "progress/epoch/.ATTRIBUTES/VARIABLE_VALUE",
     "step": "progress/step/.ATTRIBUTES/VARIABLE_VALUE",
     "train_time_s": "progress/train_time_s/.ATTRIBUTES/VARIABLE_VALUE",
 }
+_MOMENTUM_FORM_KEY = "momentum_holds_rate/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 _READ_ERRORS = (tf.errors.OpError, ValueError, IndexError)
@@ -211,10 +218,14 @@ class TrainingCheckpoint:
         self.directory = directory
         self._progress = _Progress()
         self._metric_variables = [v for m in model.metrics for v in m.variables]
+        state = dict(model=model, optimizer=model.optimizer,
+                     metrics=self._metric_variables, progress=self._progress)
+        self._momentum_holds_rate = tf.Variable(
+            optimizers.momentum_holds_rate(model.optimizer), trainable=False)
         self._checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=model.optimizer,
-            metrics=self._metric_variables, progress=self._progress,
-        )
+            **state, momentum_holds_rate=self._momentum_holds_rate)
+        # Checkpoints written before the momentum form was recorded.
+        self._unmarked_checkpoint = tf.train.Checkpoint(**state)
         self._manager = tf.train.CheckpointManager(
             self._checkpoint, directory, max_to_keep=max_to_keep)
 
@@ -241,38 +252,43 @@ class TrainingCheckpoint:
         path = latest_checkpoint(self.directory)
         if path is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        mismatches = self.shape_mismatches(path)
+        saved = _saved_shapes(path)
+        mismatches = self._shape_mismatches(saved)
         if mismatches:
             raise CheckpointError(
                 f"the checkpoint {path} was made for another model or other "
                 f"data: {_summary(mismatches)}")
+        marked = _MOMENTUM_FORM_KEY in saved
         try:
-            self._checkpoint.restore(path).assert_consumed()
+            holds_rate = bool(tf.train.load_variable(path, _MOMENTUM_FORM_KEY)
+                              if marked else True)
+            checkpoint = self._checkpoint if marked else self._unmarked_checkpoint
+            checkpoint.restore(path).assert_consumed()
         except (AssertionError, *_READ_ERRORS) as err:
             raise CheckpointError(
                 f"the checkpoint {path} does not fit the model or cannot be "
                 f"read: {_first_line(err)}") from err
+        optimizer = self.model.optimizer
+        if (isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum
+                and holds_rate != optimizers.momentum_holds_rate(optimizer)):
+            optimizers.convert_momentum(optimizer, to_rate_form=not holds_rate)
         return Position(int(self._progress.epoch.numpy()),
                         int(self._progress.step.numpy()),
                         float(self._progress.train_time_s.numpy()))
 
-    def shape_mismatches(self, path: str) -> list[tuple[str, tuple, tuple]]:
+    def _shape_mismatches(self, saved: dict[str, list[int]]
+                          ) -> list[tuple[str, tuple, tuple]]:
         """The saved values whose shapes differ from the variables they restore.
 
         Checked before restoring, because a failed restore leaves TensorFlow
         warnings about unrestored values behind.
 
+        Args:
+            saved: the checkpoint's keys and shapes (`_saved_shapes`).
+
         Returns:
             ``(variable path, saved shape, model shape)`` triples.
-
-        Raises:
-            CheckpointError: the checkpoint cannot be read.
         """
-        try:
-            saved = dict(tf.train.list_variables(path))
-        except _READ_ERRORS as err:
-            raise CheckpointError(
-                f"unreadable checkpoint {path}: {_first_line(err)}") from err
         found = []
         for key, shape in sorted(saved.items()):
             variable = _resolve(self._checkpoint, key)
@@ -288,6 +304,19 @@ class TrainingCheckpoint:
     def assign_metric_values(self, values: list[np.ndarray]) -> None:
         for variable, value in zip(self._metric_variables, values):
             variable.assign(value)
+
+
+def _saved_shapes(path: str) -> dict[str, list[int]]:
+    """The keys of the checkpoint ``path`` and the shapes of their values.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read.
+    """
+    try:
+        return dict(tf.train.list_variables(path))
+    except _READ_ERRORS as err:
+        raise CheckpointError(
+            f"unreadable checkpoint {path}: {_first_line(err)}") from err
 
 
 def _resolve(root, key: str):

@@ -67,7 +67,8 @@ from selfkd_tf.export import count_parameters
 from selfkd_tf.files import write_atomically
 from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
 from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
-from selfkd_tf.training import LR_SCHEDULES, SelfKDModel, make_optimizer
+from selfkd_tf.optimizers import LR_SCHEDULES, make_optimizer
+from selfkd_tf.training import SelfKDModel
 
 FLAGS_FILE = "flags.json"
 HISTORY_FILE = "history.csv"

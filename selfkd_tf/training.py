@@ -31,8 +31,6 @@ from selfkd_tf import models  # noqa: F401
 from selfkd_tf.callbacks import SoftTargetRefresh
 from selfkd_tf.multiworker import MultiWorkerTrainer, in_multi_worker_mode
 
-LR_SCHEDULES = ("multistep", "cosine", "constant")
-
 
 @keras.saving.register_keras_serializable(package="selfkd_tf")
 class SelfKDModel(MultiWorkerTrainer, keras.Model):
@@ -454,60 +452,3 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             custom_objects=custom_objects,
         )
         return cls(**config)
-
-
-def learning_rate_schedule(
-    learning_rate: float = 0.1,
-    schedule: str = "multistep",
-    epochs: int = 300,
-    steps_per_epoch: int = 1,
-) -> keras.optimizers.schedules.LearningRateSchedule | float:
-    """The paper's learning-rate schedules, indexed by optimizer step.
-
-    ``multistep`` multiplies the rate by 0.1 after 50% and after 75% of the
-    epochs (the PS-KD recipe, on epoch boundaries); ``cosine`` decays to 0
-    over all steps; ``constant`` keeps it fixed. Being a function of the
-    optimizer's step counter, the schedule resumes exactly from a
-    checkpoint.
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(
-            f"lr_schedule: got {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}."
-        )
-    if schedule == "constant":
-        return learning_rate
-    total_steps = epochs * steps_per_epoch
-    if schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
-    # PiecewiseConstantDecay switches *after* a boundary step; subtracting
-    # one makes the first step of the decayed epoch use the decayed rate.
-    boundaries = [
-        (epochs // 2) * steps_per_epoch - 1,
-        (epochs * 3 // 4) * steps_per_epoch - 1,
-    ]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [learning_rate, learning_rate * 0.1, learning_rate * 0.01]
-    )
-
-
-def make_optimizer(
-    learning_rate: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    schedule: str = "multistep",
-    epochs: int = 300,
-    steps_per_epoch: int = 1,
-) -> keras.optimizers.Optimizer:
-    """SGD as the paper trains (Nesterov, momentum 0.9, lr 0.1).
-
-    Weight decay is not set here: `SelfKDModel` applies it as coupled L2
-    (``weight_decay`` argument), which Keras's decoupled ``weight_decay``
-    would not reproduce under momentum.
-    """
-    return keras.optimizers.SGD(
-        learning_rate=learning_rate_schedule(
-            learning_rate, schedule, epochs, steps_per_epoch
-        ),
-        momentum=momentum,
-        nesterov=nesterov,
-    )

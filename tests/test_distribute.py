@@ -27,7 +27,8 @@ from selfkd_tf.cluster import local_addresses
 from selfkd_tf.distribute import make_strategy, set_mixed_precision
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.multiworker import DEFECT_BATCH_REDUCE, keras_multiworker_defects
-from selfkd_tf.training import SelfKDModel, make_optimizer
+from selfkd_tf.optimizers import make_optimizer
+from selfkd_tf.training import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 
 NUM_CLASSES = 4

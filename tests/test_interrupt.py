@@ -14,7 +14,8 @@ from cli_support import CONFIGS, REPO, command, environment, last_line, write_np
 from selfkd_tf import checkpointing
 from selfkd_tf.losses import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel, make_optimizer
+from selfkd_tf.optimizers import make_optimizer
+from selfkd_tf.training import SelfKDModel
 
 MESSAGE = re.compile(
     r"^selfkd-train: error: interrupted at epoch \d+ step \d+; rerun the same "

@@ -379,7 +379,8 @@ def _with_plain_strided_shortcuts(backbone):
 def test_files_with_plain_strided_shortcuts_load_with_the_same_outputs(tmp_path):
     from selfkd_tf.checkpointing import Position, TrainingCheckpoint
     from selfkd_tf.losses import SelfKDConfig
-    from selfkd_tf.training import SelfKDModel, make_optimizer
+    from selfkd_tf.optimizers import make_optimizer
+    from selfkd_tf.training import SelfKDModel
 
     def selfkd_model(backbone):
         model = SelfKDModel(backbone, num_train_examples=6,

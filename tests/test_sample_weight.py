@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from selfkd_tf import losses
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel, make_optimizer
+from selfkd_tf.optimizers import make_optimizer
+from selfkd_tf.training import SelfKDModel
 from synthetic import learnable_arrays
 
 NUM_CLASSES = 4

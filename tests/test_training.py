@@ -13,7 +13,8 @@ from selfkd_tf import losses
 from selfkd_tf.callbacks import SoftTargetRefresh
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.models.primitives import PatchConv2D
-from selfkd_tf.training import SelfKDModel, learning_rate_schedule, make_optimizer
+from selfkd_tf.optimizers import learning_rate_schedule, make_optimizer
+from selfkd_tf.training import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 
 NUM_CLASSES = 4

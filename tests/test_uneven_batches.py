@@ -39,7 +39,8 @@ from cluster_support import run_once
 from selfkd_tf.distribute import make_strategy
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.models.primitives import batch_norm
-from selfkd_tf.training import SelfKDModel, make_optimizer
+from selfkd_tf.optimizers import make_optimizer
+from selfkd_tf.training import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 
 NUM_CLASSES = 4

@@ -57,7 +57,8 @@ from selfkd_tf import losses
 from selfkd_tf.data import make_datasets
 from selfkd_tf.distribute import PRECISIONS, set_mixed_precision
 from selfkd_tf.models import ARCHITECTURES, build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel, make_optimizer
+from selfkd_tf.optimizers import make_optimizer
+from selfkd_tf.training import SelfKDModel
 
 METHOD_COMBINATIONS = (
     "baseline", "byot", "dmfl", "pskd",
