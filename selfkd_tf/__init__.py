@@ -42,7 +42,7 @@ _EXPORTS = {
     "SGD": "selfkd_tf.optimizers",
     "learning_rate_schedule": "selfkd_tf.optimizers",
     "make_optimizer": "selfkd_tf.optimizers",
-    "TrainSettings": "selfkd_tf.experiment",
+    "TrainSettings": "selfkd_tf.settings",
     "train": "selfkd_tf.experiment",
     "EarlyExitCascade": "selfkd_tf.cascade",
     "early_exit_curve": "selfkd_tf.early_exit",

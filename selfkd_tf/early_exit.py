@@ -22,7 +22,7 @@ every point with the deepest exit served alone.
 Example:
 
 ```python
-exit_probs, labels = skd.experiment.predict_exit_probabilities(model, val_ds)
+exit_probs, labels = skd.evaluation.predict_exit_probabilities(model, val_ds)
 costs = skd.export.exit_costs(model.backbone)
 curve = early_exit_curve(exit_probs, labels, costs)
 choice = select_threshold(curve, max_accuracy_drop=0.5)
@@ -42,10 +42,10 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from selfkd_tf import experiment
 from selfkd_tf.cascade import EarlyExitCascade, check_threshold
 from selfkd_tf.export import ExitCosts, classifier, exit_costs
 from selfkd_tf.metrics import write_metrics_json
+from selfkd_tf.evaluation import TrainedModel, evaluation_data, predict_exit_probabilities
 
 # Dense where trained exits' confidences usually lie; 1.01 (above 1) never
 # answers early, so the sweep ends at the deepest exit's accuracy.
@@ -98,7 +98,7 @@ def early_exit_curve(
     Args:
         exit_probs: ``N`` arrays float ``[n, classes]``, exit ``k``'s
             probabilities (e.g. from
-            `selfkd_tf.experiment.predict_exit_probabilities`).
+            `selfkd_tf.evaluation.predict_exit_probabilities`).
         labels: int ``[n]``.
         costs: FLOPs per stage and head (`selfkd_tf.export.exit_costs`).
         thresholds: values ``>= 0``; sorted and deduplicated.
@@ -306,7 +306,7 @@ def time_per_image(
 
 
 def evaluate_cascade(
-    trained: experiment.TrainedModel,
+    trained: TrainedModel,
     *,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     latency_examples: int = 128,
@@ -315,12 +315,12 @@ def evaluate_cascade(
     """The early-exit curve of a loaded model on one split.
 
     Args:
-        trained: from `selfkd_tf.experiment.load_trained_model`.
+        trained: from `selfkd_tf.evaluation.load_trained_model`.
         thresholds: the thresholds to sweep.
         latency_examples: time the cascade on the split's first this many
             images (`measure_latency`); 0 measures FLOPs only.
         **data_choices: ``dataset``, ``data_dir``, ``split``, ``batch_size``,
-            ``eval_examples``, as for `selfkd_tf.experiment.evaluation_data`.
+            ``eval_examples``, as for `selfkd_tf.evaluation.evaluation_data`.
 
     Returns:
         `early_exit_curve`'s dict, with ``model``, ``dataset`` and ``split``.
@@ -331,8 +331,8 @@ def evaluate_cascade(
     """
     thresholds = check_thresholds(thresholds)
     model = trained.model
-    eval_ds, info = experiment.evaluation_data(trained, **data_choices)
-    exit_probs, labels = experiment.predict_exit_probabilities(model, eval_ds)
+    eval_ds, info = evaluation_data(trained, **data_choices)
+    exit_probs, labels = predict_exit_probabilities(model, eval_ds)
     latency = None
     if latency_examples:
         chunks, count = [], 0

@@ -48,8 +48,18 @@ JSON_LIMIT_BYTES = 4 * 2**20
 HISTORY_LIMIT_BYTES = 64 * 2**20
 """Largest ``history.csv`` read; 300 epochs take about 100 kilobytes."""
 
+FLAGS_FILE = "flags.json"
+"""The run's resolved settings (`selfkd_tf.settings.TrainSettings.to_json`)."""
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
 DATA_FILE = "data.json"
 """The run directory's record of its training data (`DataFingerprint`)."""
+RUN_FILES = (FLAGS_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
+             TENSORBOARD_DIR, CHECKPOINT_DIR)
+"""Everything training writes in a run directory (and ``overwrite`` removes)."""
 
 
 class RunDirectoryError(ValueError):

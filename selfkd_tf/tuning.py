@@ -5,7 +5,7 @@ hyperparameters; PS-KD's authors chose ``a_T`` by random search. This module
 makes that search a first-class step:
 
 - `SelfKDHyperModel` is a `keras_tuner.HyperModel`: it builds and compiles
-  the `SelfKDModel` of a trial with `selfkd_tf.experiment.build_model` and
+  the `SelfKDModel` of a trial with `selfkd_tf.builders.build_model` and
   `compile_model`, and its `fit` trains it with the PS-KD table refresh;
 - `TuneSettings` holds the search's own knobs (the tuner, its budget, the
   objective and the range of every dimension of the search space);
@@ -83,10 +83,10 @@ import tensorflow as tf
 from selfkd_tf import callbacks as callbacks_lib
 from selfkd_tf import data as data_lib
 from selfkd_tf import distribute
-from selfkd_tf import experiment
 from selfkd_tf import files
-from selfkd_tf.experiment import SettingsError, TrainSettings
 from selfkd_tf.training import SelfKDModel
+from selfkd_tf.builders import build_datasets, build_model, compile_model, seed_everything
+from selfkd_tf.settings import RESUME_SAFE_FIELDS, SettingsError, TrainSettings
 
 TUNERS = ("random", "bayesian", "hyperband")
 DIMENSIONS = ("pskd_alpha", "byot_alpha", "byot_lambda", "temperature", "lr",
@@ -108,7 +108,7 @@ _LOG_SAMPLED = frozenset({"byot_lambda", "lr", "weight_decay"})
 _UNIT_INTERVAL = frozenset({"pskd_alpha", "byot_alpha"})
 _STRATEGIES = ("none", "mirrored")
 
-_RESUME_SAFE_FIELDS = experiment.RESUME_SAFE_FIELDS | {"max_trials", "tuner_dir"}
+_RESUME_SAFE_FIELDS = RESUME_SAFE_FIELDS | {"max_trials", "tuner_dir"}
 """Settings a resumed search may change: the budget and where things are."""
 
 
@@ -329,7 +329,7 @@ class SelfKDHyperModel(keras_tuner.HyperModel):
         key = (epochs, initial_epoch)
         if key != self._datasets_key:
             self._datasets = None  # frees the previous copy before reading
-            self._datasets = experiment.build_datasets(
+            self._datasets = build_datasets(
                 dataclasses.replace(self.settings, epochs=epochs), initial_epoch)
             self._datasets_key = key
             self._info = self._datasets[2]
@@ -358,8 +358,8 @@ class SelfKDHyperModel(keras_tuner.HyperModel):
     def build(self, hp: keras_tuner.HyperParameters) -> SelfKDModel:
         """A compiled `SelfKDModel` with the values ``hp`` holds."""
         settings = self.trial_settings(hp)
-        model = experiment.build_model(settings, self.info)
-        experiment.compile_model(model, settings, self.info.steps_per_epoch)
+        model = build_model(settings, self.info)
+        compile_model(model, settings, self.info.steps_per_epoch)
         # Hyperband continues a trial by loading its predecessor's checkpoint
         # into a fresh model, which Keras only does into a built model; with
         # the optimizer built too, momentum and the step counter come back.
@@ -575,11 +575,11 @@ def tune(
     """
     settings.validate()
     tune_settings.validate(settings)
-    experiment.seed_everything(settings)
+    seed_everything(settings)
     strategy = distribute.make_strategy(settings.distribute)
     hypermodel = SelfKDHyperModel(settings, tune_settings)
     # A first build proves the data and the model before anything is written.
-    experiment.build_model(settings, hypermodel.info)
+    build_model(settings, hypermodel.info)
     keras.backend.clear_session()
 
     tuner_dir = tune_settings.resolved_dir(settings)

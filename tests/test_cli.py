@@ -15,7 +15,8 @@ from cli_support import CONFIGS, REPO, environment, last_line, run_cli, write_np
 from selfkd_tf import experiment
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import program
-from selfkd_tf.experiment import SettingsError, TrainSettings
+from selfkd_tf.run_directory import RUN_FILES
+from selfkd_tf.settings import SettingsError, TrainSettings
 from test_epoch_logs import tensorboard_scalars
 
 # TensorFlow's C++ start-up messages on a machine without a GPU.
@@ -122,7 +123,7 @@ def test_train_writes_a_run_and_never_overwrites_it_silently(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not TF_NOISE.search(result.stderr), result.stderr
-    assert sorted(os.listdir(run_dir)) == sorted(experiment.RUN_FILES)
+    assert sorted(os.listdir(run_dir)) == sorted(RUN_FILES)
 
     # The one-line epoch summaries, numbered as the history and TensorBoard.
     summaries = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]

@@ -10,10 +10,11 @@ from cli_support import last_line, run_cli, write_npz
 from selfkd_tf import early_exit, experiment
 from selfkd_tf.early_exit import (DEFAULT_THRESHOLDS, early_exit_curve, first_confident_exit,
                                   select_threshold)
-from selfkd_tf.experiment import TrainSettings
 from selfkd_tf.export import ExitCosts
 from selfkd_tf.metrics import top_k_error
 from selfkd_tf.models import build_multi_exit_resnet
+from selfkd_tf.evaluation import evaluate_trained, load_trained_model
+from selfkd_tf.settings import TrainSettings
 
 COSTS = ExitCosts(stage_flops=(100, 200, 300), head_flops=(10, 20, 5))
 
@@ -127,7 +128,7 @@ def test_eval_command_writes_the_curve_of_the_split(run_dir, tmp_path):
     assert [p["threshold"] for p in curve["cascade"]] == thresholds
     costs = [p["mean_flops"] for p in curve["cascade"]]
     assert all(lower <= higher for lower, higher in zip(costs, costs[1:]))
-    metrics = experiment.evaluate_trained(experiment.load_trained_model(str(run_dir)),
+    metrics = evaluate_trained(load_trained_model(str(run_dir)),
                                           split="test")
     accuracies = [100 - e["top1_err"] for e in metrics["exits"]]
     assert [e["accuracy"] for e in curve["exits"]] == pytest.approx(accuracies)

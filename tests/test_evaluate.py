@@ -7,8 +7,9 @@ import pytest
 
 from cli_support import run_cli, write_npz
 from selfkd_tf import experiment
-from selfkd_tf.experiment import SettingsError, TrainSettings
 from selfkd_tf.metrics import METRIC_KEYS
+from selfkd_tf.evaluation import evaluate_trained, load_trained_model
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 
 @pytest.fixture(scope="module")
@@ -30,53 +31,53 @@ def _scores(record):
 
 
 def test_loads_a_run_directory_or_a_keras_file(run_dir, tmp_path):
-    trained = experiment.load_trained_model(str(run_dir))
+    trained = load_trained_model(str(run_dir))
     assert trained.run_dir == str(run_dir)
     assert trained.settings.train_examples == 64
     assert trained.model.num_exits == 2
-    beside = experiment.load_trained_model(str(run_dir / "model.keras"))
+    beside = load_trained_model(str(run_dir / "model.keras"))
     assert beside.settings == trained.settings
     shutil.copy(run_dir / "model.keras", tmp_path / "lone.keras")
-    lone = experiment.load_trained_model(str(tmp_path / "lone.keras"))
+    lone = load_trained_model(str(tmp_path / "lone.keras"))
     assert (lone.settings, lone.run_dir) == (None, None)
     for missing in (tmp_path / "nothing", tmp_path):
         with pytest.raises(SettingsError) as error:
-            experiment.load_trained_model(str(missing))
+            load_trained_model(str(missing))
         assert error.value.flag == "model"
 
 
 def test_lone_model_is_evaluated_with_its_own_normalisation(run_dir, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     shutil.copy(run_dir / "model.keras", tmp_path / "lone.keras")
-    lone = experiment.load_trained_model(str(tmp_path / "lone.keras"))
+    lone = load_trained_model(str(tmp_path / "lone.keras"))
     with pytest.raises(SettingsError, match="dataset: required"):
-        experiment.evaluate_trained(lone)
+        evaluate_trained(lone)
     # All 96 training images give other statistics than the run's 64; the
     # images are mapped onto the model's normalisation all the same.
-    record = experiment.evaluate_trained(lone, dataset=metrics["dataset"],
+    record = evaluate_trained(lone, dataset=metrics["dataset"],
                                          eval_examples=16)
     assert _scores(record) == pytest.approx(_scores(metrics), abs=1e-3)
     with pytest.raises(SettingsError) as error:
-        experiment.evaluate_trained(lone, dataset=metrics["dataset"], split="tain")
+        evaluate_trained(lone, dataset=metrics["dataset"], split="tain")
     assert error.value.flag == "split" and "allowed: test, validation, train" in error.value.problem
 
 
 def test_scores_the_whole_split_unless_asked_for_a_subset(run_dir):
-    trained = experiment.load_trained_model(str(run_dir))
+    trained = load_trained_model(str(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["split"], metrics["num_examples"]) == ("test", 16)
-    whole = experiment.evaluate_trained(trained)
+    whole = evaluate_trained(trained)
     assert (whole["split"], whole["num_examples"]) == ("test", 32)
     # The training split is the run's 64-image subset, unaugmented.
-    train = experiment.evaluate_trained(trained, split="train")
+    train = evaluate_trained(trained, split="train")
     assert (train["split"], train["num_examples"]) == ("train", 64)
-    subset = experiment.evaluate_trained(trained, eval_examples=16)
+    subset = evaluate_trained(trained, eval_examples=16)
     assert _scores(subset) == pytest.approx(_scores(metrics), abs=1e-6)
 
 
 def test_validation_split_needs_one_held_out(run_dir):
     with pytest.raises(SettingsError, match="held out none") as error:
-        experiment.evaluate_trained(experiment.load_trained_model(str(run_dir)),
+        evaluate_trained(load_trained_model(str(run_dir)),
                                     split="validation")
     assert error.value.flag == "split"
 
@@ -99,12 +100,12 @@ def test_eval_command_reproduces_the_runs_metrics(run_dir, tmp_path):
 
 
 def test_a_model_without_its_normalisation_is_refused(run_dir, tmp_path):
-    trained = experiment.load_trained_model(str(run_dir))
+    trained = load_trained_model(str(run_dir))
     model = trained.model
     bare = type(model)(model.backbone, num_train_examples=model.num_train_examples,
                        config=model.selfkd_config)
     bare.save(tmp_path / "bare.keras")
-    lone = experiment.load_trained_model(str(tmp_path / "bare.keras"))
+    lone = load_trained_model(str(tmp_path / "bare.keras"))
     with pytest.raises(SettingsError, match="records no input normalisation") as error:
-        experiment.evaluate_trained(lone, dataset=trained.settings.dataset)
+        evaluate_trained(lone, dataset=trained.settings.dataset)
     assert error.value.flag == "model"

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from cli_support import environment, last_line, run_cli
 from selfkd_tf import data, export
-from selfkd_tf.experiment import TrainSettings
+from selfkd_tf.settings import TrainSettings
 from serving_support import NAMES, normalized, tiny_model
 
 

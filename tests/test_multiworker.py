@@ -22,8 +22,10 @@ from keras.src.backend.tensorflow import trainer as keras_trainer
 from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
 from cluster_support import (
     CHILD_TIMEOUT_S, kill_at_checkpoint, run_once, tf_config)
-from selfkd_tf import checkpointing, cluster, experiment, multiworker
+from selfkd_tf import checkpointing, cluster, multiworker
 from selfkd_tf.distribute import make_strategy
+from selfkd_tf.evaluation import load_trained_model
+from selfkd_tf.run_directory import RUN_FILES
 
 STEPS_PER_EPOCH = 4  # 53 training examples in global batches of 16: the last holds 5
 # PS-KD alone (its table is part of what a resume must restore) and
@@ -270,7 +272,7 @@ def trained_cluster(tmp_path_factory):
 
 def test_only_the_chief_writes_and_eval_reproduces_its_metrics(trained_cluster, tmp_path):
     run_dir = trained_cluster / "run"
-    assert {p.name for p in run_dir.iterdir()} == set(experiment.RUN_FILES)
+    assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
     with open(run_dir / "history.csv") as f:
         assert len(f.read().splitlines()) == 1 + 2  # a header and one row per epoch
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
@@ -341,8 +343,8 @@ def test_killed_worker_stops_the_cluster_and_rerun_resumes(trained_cluster, tmp_
     for a, b in zip(history(reference), history(run_dir)):
         for key in ("loss", "ce", "alpha_t", "val_loss", "val_exit2_accuracy"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-6), key
-    a = experiment.load_trained_model(str(reference)).model
-    b = experiment.load_trained_model(str(run_dir)).model
+    a = load_trained_model(str(reference)).model
+    b = load_trained_model(str(run_dir)).model
     np.testing.assert_array_equal(b.soft_target_valid.numpy(), np.ones(53))
     assert len(a.weights) == len(b.weights)
     for wa, wb in zip(a.weights, b.weights):

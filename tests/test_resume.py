@@ -14,6 +14,8 @@ from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli,
 from cluster_support import kill_at_checkpoint
 from run_dir_support import snapshot
 from selfkd_tf import checkpointing, experiment
+from selfkd_tf.builders import build_datasets, build_model, compile_model
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 STEPS_PER_EPOCH = 4  # 64 training examples in batches of 16
 
@@ -96,11 +98,11 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (run_dir / "model.keras").exists()
     assert not (run_dir / "metrics.json").exists()
     # The kept checkpoint loads into a fresh model, with finite weights.
-    settings = experiment.TrainSettings.from_json(
+    settings = TrainSettings.from_json(
         json.loads((run_dir / "flags.json").read_text()))
-    _, _, info = experiment.build_datasets(settings)
-    model = experiment.build_model(settings, info)
-    experiment.compile_model(model, settings, info.steps_per_epoch)
+    _, _, info = build_datasets(settings)
+    model = build_model(settings, info)
+    compile_model(model, settings, info.steps_per_epoch)
     model.optimizer.build(model.trainable_variables)
     position = checkpointing.TrainingCheckpoint(model, match[3]).restore_latest()
     assert (position.epoch, position.step) == (0, int(match[2]))
@@ -135,7 +137,7 @@ def _folder_dataset(root, counts):
 
 def _unfinished_run(tmp_path, dataset):
     """A run whose training ended but which has not saved and evaluated yet."""
-    settings = experiment.TrainSettings(
+    settings = TrainSettings(
         dataset=dataset, arch="resnet18", width_multiplier=0.0625, num_stages=2,
         epochs=1, batch_size=4, methods=("pskd", "byot"), model_dir=str(tmp_path / "run"))
     experiment.train(settings)
@@ -166,14 +168,14 @@ def test_resuming_on_changed_data_says_what_differs_and_writes_nothing(tmp_path)
 
     # Another class count.
     _folder_dataset(root, {"a": 5, "b": 4, "c": 1})
-    with pytest.raises(experiment.SettingsError, match=r"classes 2 -> 3") as raised:
+    with pytest.raises(SettingsError, match=r"classes 2 -> 3") as raised:
         experiment.train(settings)
     assert "\n" not in str(raised.value)
     # A run directory written before data.json existed: the checkpoint's
     # shapes tell.
     os.remove(os.path.join(run_dir, "data.json"))
     before = snapshot(run_dir)
-    with pytest.raises(experiment.SettingsError) as raised:
+    with pytest.raises(SettingsError) as raised:
         experiment.train(settings)
     assert re.search(r"cannot resume .*: training examples 8 -> 10, classes 2 -> 3 "
                      r"\(\d+ values differ in shape", str(raised.value)), raised.value

@@ -21,13 +21,15 @@ from selfkd_tf import experiment, run_directory
 from selfkd_tf.losses import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.training import SelfKDModel
+from selfkd_tf.evaluation import load_trained_model
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A tiny finished run and its settings."""
     root = tmp_path_factory.mktemp("finished")
-    settings = experiment.TrainSettings(
+    settings = TrainSettings(
         dataset=write_npz(root / "data.npz", n_train=16, n_test=8, size=8),
         arch="resnet18", width_multiplier=0.0625, num_stages=2, epochs=1,
         batch_size=8, methods=("pskd",), model_dir=str(root / "run"))
@@ -48,7 +50,7 @@ def resumable(finished_run, tmp_path):
 def _refused(settings, pattern, *outside):
     """`train(settings)` refuses with one line matching ``pattern``, writing nothing."""
     before = snapshot(settings.model_dir, *outside)
-    with pytest.raises(experiment.SettingsError, match=pattern) as raised:
+    with pytest.raises(SettingsError, match=pattern) as raised:
         experiment.train(settings)
     assert raised.value.flag == "model_dir"
     assert "\n" not in str(raised.value)
@@ -78,7 +80,7 @@ def test_malformed_flags_json_is_one_line_before_anything_is_read(tmp_path, cont
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _write(run_dir / "flags.json", content)
-    settings = experiment.TrainSettings(dataset="npz:/nonexistent.npz",
+    settings = TrainSettings(dataset="npz:/nonexistent.npz",
                                         model_dir=str(run_dir))
     _refused(settings, pattern)
 
@@ -87,8 +89,8 @@ def test_malformed_flags_json_beside_a_model_is_refused_by_eval(finished_run, tm
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run.model_dir, run_dir)
     _write(run_dir / "flags.json", b'{"batch_size": [1]}')
-    with pytest.raises(experiment.SettingsError, match="wrong type: batch_size") as raised:
-        experiment.load_trained_model(str(run_dir))
+    with pytest.raises(SettingsError, match="wrong type: batch_size") as raised:
+        load_trained_model(str(run_dir))
     assert raised.value.flag == "model" and "\n" not in str(raised.value)
 
 

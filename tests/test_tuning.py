@@ -11,8 +11,8 @@ from cli_support import last_line, run_cli, write_npz
 from selfkd_tf import tuning
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import tune as tune_cli
-from selfkd_tf.experiment import SettingsError, TrainSettings
 from selfkd_tf.tuning import TuneSettings
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 NUM_TRAIN = 240
 # 60 of the 240 training images score the trials; 180 train, 3 batches of 60.

@@ -28,8 +28,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from selfkd_tf import early_exit, experiment, export
+from selfkd_tf import early_exit, export
 from selfkd_tf.metrics import write_metrics_json
+from selfkd_tf.evaluation import evaluation_data, load_trained_model, predict_exit_probabilities
 
 # The selection sweep runs on stored probabilities only, so it can be fine.
 SELECTION_THRESHOLDS = (*np.round(np.arange(0.0, 1.0, 0.005), 3).tolist(),
@@ -57,10 +58,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    trained = experiment.load_trained_model(args.model)
+    trained = load_trained_model(args.model)
     model = trained.model
-    test_ds, info = experiment.evaluation_data(trained, split="test")
-    exit_probs, labels = experiment.predict_exit_probabilities(model, test_ds)
+    test_ds, info = evaluation_data(trained, split="test")
+    exit_probs, labels = predict_exit_probabilities(model, test_ds)
     images = np.concatenate([x["image"].numpy() for x, _ in test_ds])
     selection, report = stratified_halves(labels, args.seed)
     costs = export.exit_costs(model.backbone)

@@ -28,9 +28,10 @@ from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags  # noqa: E402
 
 from selfkd_tf import early_exit  # noqa: E402
-from selfkd_tf import experiment  # noqa: E402
 from selfkd_tf import metrics as metrics_lib  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
+from selfkd_tf.evaluation import evaluate_trained, format_metrics_table, load_trained_model  # noqa: E402
+from selfkd_tf.settings import SettingsError  # noqa: E402
 
 PROGRAM = "selfkd-eval"
 
@@ -118,12 +119,12 @@ def _early_exit_settings() -> tuple[str | None, list[float]]:
 
 def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     try:
-        trained = experiment.load_trained_model(FLAGS.model, model_flags.safe_mode())
+        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
         curve = early_exit.evaluate_cascade(
             trained, thresholds=thresholds, latency_examples=FLAGS.latency_examples,
             dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=split,
             batch_size=FLAGS.batch_size, eval_examples=FLAGS.eval_examples)
-    except experiment.SettingsError as err:
+    except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     selected = early_exit.select_threshold(curve, **_criterion()) if _criterion() else None
     out = _output_path(trained.path, curve["split"], "early_exit")
@@ -155,18 +156,18 @@ def main(argv: list[str]) -> int:
     if FLAGS.early_exit:
         return _run_early_exit(split, thresholds)
     try:
-        trained = experiment.load_trained_model(FLAGS.model, model_flags.safe_mode())
-        record = experiment.evaluate_trained(
+        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+        record = evaluate_trained(
             trained, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
             split=FLAGS.split, batch_size=FLAGS.batch_size,
             eval_examples=FLAGS.eval_examples)
-    except experiment.SettingsError as err:
+    except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     out = _output_path(trained.path, record["split"])
     metrics_lib.write_metrics_json(record, out)
     print(f"{FLAGS.model} on {record['dataset']} ({record['split']} split, "
           f"{record['num_examples']} examples):")
-    print(experiment.format_metrics_table(record))
+    print(format_metrics_table(record))
     print(f"Wrote {out}")
     return 0
 

@@ -24,9 +24,10 @@ from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags  # noqa: E402
 
 from selfkd_tf import data  # noqa: E402
-from selfkd_tf import experiment  # noqa: E402
 from selfkd_tf import export as export_lib  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
+from selfkd_tf.evaluation import TrainedModel, load_trained_model  # noqa: E402
+from selfkd_tf.settings import SettingsError  # noqa: E402
 
 PROGRAM = "selfkd-export"
 
@@ -52,29 +53,29 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_flags)  # --helpshort lists it
 
 
-def _class_names(trained: experiment.TrainedModel) -> list[str] | None:
+def _class_names(trained: TrainedModel) -> list[str] | None:
     """``--class_names``, else the run's dataset's, else None."""
     if FLAGS.class_names is not None or trained.settings is None:
         return FLAGS.class_names
     try:
         arrays = data.load_arrays(trained.settings.dataset, trained.settings.data_dir)
     except data.DataError as err:
-        raise experiment.SettingsError(
+        raise SettingsError(
             "class_names", f"cannot read them from the run's dataset ({err}); "
             "pass them with --class_names") from err
     return list(arrays.class_names)
 
 
-def _flag_error(error: ValueError) -> experiment.SettingsError:
+def _flag_error(error: ValueError) -> SettingsError:
     """A library ``"<argument>: <problem>"`` error as the flag's error."""
     flag, _, problem = str(error).partition(": ")
-    return experiment.SettingsError(flag, problem)
+    return SettingsError(flag, problem)
 
 
 def main(argv: list[str]) -> int:
     del argv
     try:
-        trained = experiment.load_trained_model(FLAGS.model, model_flags.safe_mode())
+        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
         model = trained.model
         try:
             export_lib.check_export_arguments(
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> int:
                 threshold=FLAGS.threshold, class_names=class_names)
         except ValueError as err:
             raise _flag_error(err) from err
-    except experiment.SettingsError as err:
+    except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     if summary.threshold is None:
         print(f"Exported exit {summary.exit} of {model.num_exits} to {summary.path}")

@@ -1,7 +1,7 @@
 """absl flags for every `TrainSettings` field, defined from the dataclass.
 
 Importing this module defines one flag per field of
-`selfkd_tf.experiment.TrainSettings`, with the field's name, default and
+`selfkd_tf.settings.TrainSettings`, with the field's name, default and
 help, so the flags and the settings cannot drift apart. Lists (``methods``,
 ``byot_exits``) are comma-separated; ``--methods=`` is the baseline.
 
@@ -26,7 +26,7 @@ import typing
 
 from absl import flags
 
-from selfkd_tf.experiment import SettingsError, TrainSettings
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 _DEFINE = {
     str: flags.DEFINE_string,

@@ -5,7 +5,7 @@ Usage:
     selfkd-train --flagfile=configs/cifar100_resnet18.flags --methods=pskd,byot,dmfl
     selfkd-train --flagfile=configs/smoke.flags --dataset=npz:/data/tiny.npz --model_dir=/tmp/smoke
 
-Every field of `selfkd_tf.experiment.TrainSettings` is a flag
+Every field of `selfkd_tf.settings.TrainSettings` is a flag
 (``--helpshort`` lists them). The run directory (``--model_dir``) receives
 ``flags.json``, ``history.csv``, ``tensorboard/``, ``checkpoints/``,
 ``model.keras`` and ``metrics.json``. Rerunning the same command resumes a
@@ -31,6 +31,9 @@ from selfkd_tf import cluster  # noqa: E402
 from selfkd_tf import experiment  # noqa: E402
 from selfkd_tf.cli import flags as train_flags  # noqa: E402
 from selfkd_tf.cli import program  # noqa: E402
+from selfkd_tf.evaluation import format_metrics_table  # noqa: E402
+from selfkd_tf.run_directory import HISTORY_FILE, METRICS_FILE, MODEL_FILE, TENSORBOARD_DIR  # noqa: E402
+from selfkd_tf.settings import SettingsError  # noqa: E402
 
 PROGRAM = "selfkd-train"
 flags.adopt_module_key_flags(train_flags)  # --helpshort lists them
@@ -47,14 +50,14 @@ def next_steps(run_dir: str) -> str:
 
     return "\n".join([
         f"Run directory: {path()}",
-        f"  model:    {path(experiment.MODEL_FILE)}",
-        f"  metrics:  {path(experiment.METRICS_FILE)}",
-        f"  history:  {path(experiment.HISTORY_FILE)}",
+        f"  model:    {path(MODEL_FILE)}",
+        f"  metrics:  {path(METRICS_FILE)}",
+        f"  history:  {path(HISTORY_FILE)}",
         "Next:",
         f"  selfkd-eval --model={path()}  # every exit on the whole evaluation split",
         f"  selfkd-export --model={path()} --out={path('export')}  # SavedModel of the deepest exit",
         f"  selfkd-report --runs={path()} --out={path('report')}  # tables and figures",
-        f"  tensorboard --logdir={path(experiment.TENSORBOARD_DIR)}",
+        f"  tensorboard --logdir={path(TENSORBOARD_DIR)}",
     ])
 
 
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = train_flags.settings_from_flags()
         record = experiment.train(settings)
-    except experiment.SettingsError as err:
+    except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     except experiment.TrainingDivergedError as err:
         common.fail(PROGRAM, err, status=1)
@@ -81,7 +84,7 @@ def main(argv: list[str]) -> int:
     scored = record.get("num_examples")
     print(f"\n{record['dataset']} ({record['split']} split"
           f"{f', {scored} examples' if scored else ''}):")
-    print(experiment.format_metrics_table(record))
+    print(format_metrics_table(record))
     print()
     print(next_steps(settings.model_dir or settings.default_model_dir()))
     return 0

@@ -44,10 +44,10 @@ import textwrap
 from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags
 
-from selfkd_tf import experiment
 from selfkd_tf import files
 from selfkd_tf import tuning
 from selfkd_tf.cli import flags as train_flags
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 PROGRAM = "selfkd-tune"
 FLAGFILE = "best.flags"
@@ -113,7 +113,7 @@ def tune_settings_from_flags() -> tuning.TuneSettings:
         try:
             values[name] = tuple(float(v) for v in FLAGS[name].value)
         except ValueError:
-            raise experiment.SettingsError(
+            raise SettingsError(
                 name, f"got {','.join(FLAGS[name].value)!r}; allowed: numbers, "
                 "e.g. 0.1,0.9") from None
     hyperband = FLAGS.tuner == "hyperband"
@@ -131,7 +131,7 @@ def tune_settings_from_flags() -> tuning.TuneSettings:
     )
 
 
-def flagfile_text(settings: experiment.TrainSettings, comment: str = "") -> str:
+def flagfile_text(settings: TrainSettings, comment: str = "") -> str:
     """A ``selfkd-train`` flagfile setting every field of ``settings``.
 
     Each value is written by its flag's own serializer, so the file reads
@@ -139,7 +139,7 @@ def flagfile_text(settings: experiment.TrainSettings, comment: str = "") -> str:
 
     Example:
 
-    >>> print(flagfile_text(experiment.TrainSettings(methods=("pskd",))))  # doctest: +SKIP
+    >>> print(flagfile_text(TrainSettings(methods=("pskd",))))  # doctest: +SKIP
     --dataset=cifar100
     ...
     --methods=pskd
@@ -173,11 +173,11 @@ def main(argv: list[str]) -> int:
     del argv  # common.run rejects positional arguments
     try:
         if FLAGS.num_best < 1:
-            raise experiment.SettingsError(
+            raise SettingsError(
                 "num_best", f"got {FLAGS.num_best}; allowed: integers >= 1")
         settings = train_flags.settings_from_flags()
         result = tuning.tune(settings, tune_settings_from_flags())
-    except experiment.SettingsError as err:
+    except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     if not result.trials:
         common.fail(PROGRAM, f"no trial completed; see {result.tuner_dir}/"

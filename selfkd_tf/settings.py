@@ -1,0 +1,299 @@
+"""`TrainSettings`: every knob of a training run, and `SettingsError`.
+
+The field names of `TrainSettings` are the ``selfkd-train`` flag names
+(`selfkd_tf.cli.flags`); a run directory keeps the resolved settings in its
+``flags.json`` (`read_settings`). Problems with a setting, wherever they are
+found (here, while reading data, or in a library call at start-up), are a
+`SettingsError` with a one-line message that names the flag.
+
+Example:
+
+```python
+settings = TrainSettings(dataset="digits", width_multiplier=0.25, epochs=10)
+settings.validate()
+read_settings("runs/a")  # None when runs/a has no flags.json
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import typing
+
+from selfkd_tf import data as data_lib
+from selfkd_tf import distribute as distribute_lib
+from selfkd_tf import losses
+from selfkd_tf import run_directory
+from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS
+from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
+from selfkd_tf.optimizers import LR_SCHEDULES
+from selfkd_tf.run_directory import FLAGS_FILE
+
+RESUME_SAFE_FIELDS = frozenset({
+    "data_dir", "model_dir", "overwrite", "save_every_steps", "distribute",
+    "jit_compile", "deterministic", "eval_every",
+})
+"""Settings a resumed run may change: where things are and how fast they
+run, not what is computed. Any other difference refuses to resume."""
+
+TABLE_DTYPES = ("float32", "float16")
+
+
+class SettingsError(ValueError):
+    """A setting cannot be used; `flag` names it (``None`` if no single one).
+
+    ``str(error)`` is one line, ``"<flag>: <problem>"``.
+    """
+
+    def __init__(self, flag: str | None, problem: str):
+        self.flag = flag
+        self.problem = problem
+        super().__init__(f"{flag}: {problem}" if flag else problem)
+
+
+def _setting(default, help: str):  # noqa: A002 - the absl keyword
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Every knob of a training run; the field names are the flag names.
+
+    `validate` checks what can be checked without data; the dataset knobs
+    (``dataset``, ``normalization``, ``image_size``, ...) are checked when
+    `selfkd_tf.builders.build_datasets` reads the data.
+
+    Example:
+
+    >>> s = TrainSettings(dataset="npz:/tmp/x.npz", methods=("pskd",), epochs=5)
+    >>> TrainSettings.from_json(s.to_json()) == s
+    True
+    """
+
+    # Data.
+    dataset: str = _setting(
+        "cifar100", "digits (embedded, no download), cifar10, cifar100 (TFDS), "
+        "cifar:PATH (python pickles), folder:PATH (PATH/{train,test}/<class>/*.jpg) "
+        "or npz:PATH.")
+    data_dir: str | None = _setting(None, "TFDS data directory (cifar10, cifar100).")
+    normalization: str = _setting(
+        "dataset", "dataset (published CIFAR or training-split statistics) "
+        "or imagenet.")
+    augment: bool = _setting(True, "Random crop (padding 4) and horizontal flip.")
+    image_size: int | None = _setting(None, "Resize every image to this size.")
+    train_examples: int | None = _setting(
+        None, "Use a stratified subset of this many training examples.")
+    eval_examples: int | None = _setting(
+        None, "Use a stratified subset of this many evaluation examples.")
+    subset_seed: int | None = _setting(
+        None, "Seed of the validation split and of the train_examples/"
+        "eval_examples subsets; default: --seed. Fix it to compare seeds on "
+        "one subset.")
+    validation_fraction: float = _setting(
+        0.0, "Hold out this fraction of the training set and evaluate on it "
+        "instead of the test split.")
+    # Model.
+    arch: str = _setting("resnet18", f"One of {', '.join(ARCHITECTURES)}.")
+    exit_head: str | None = _setting(
+        None, f"One of {', '.join(EXIT_HEADS)}; default: attention for "
+        "resnext50_32x4d, bottleneck otherwise.")
+    num_stages: int = _setting(
+        4, "Backbone stages kept, one exit after each (Table 4 ablation): "
+        f"{', '.join(map(str, NUM_STAGES))}.")
+    width_multiplier: float = _setting(1.0, "Scales every channel count.")
+    sync_batchnorm: bool = _setting(
+        False, "Synchronise batch-norm statistics across replicas.")
+    # Objective.
+    methods: tuple[str, ...] = _setting(
+        losses.METHODS, f"Comma list of {', '.join(losses.METHODS)}; "
+        "empty for the baseline.")
+    pskd_alpha: float = _setting(0.8, "PS-KD: final weight a_T of the self-teacher.")
+    pskd_teacher: str = _setting(
+        "deepest", f"PS-KD teacher: {', '.join(losses.PSKD_TEACHERS)}.")
+    byot_alpha: float = _setting(0.1, "BYOT: weight of the distillation term.")
+    byot_lambda: float = _setting(1e-6, "BYOT: weight of the feature hint term.")
+    temperature: float = _setting(3.0, "BYOT: softening temperature.")
+    byot_exits: tuple[int, ...] | None = _setting(
+        None, "BYOT: comma list of the shallow exits distilled, 1-based "
+        "(Table 3 ablation); default: all shallow exits.")
+    dmfl_gradient: str = _setting(
+        "mutual", f"DMFL gradient: {', '.join(losses.DMFL_GRADIENTS)}.")
+    # Optimisation.
+    epochs: int = _setting(300, "Training epochs.")
+    batch_size: int = _setting(128, "Global batch size.")
+    lr: float = _setting(0.1, "Initial learning rate.")
+    momentum: float = _setting(0.9, "SGD momentum.")
+    nesterov: bool = _setting(True, "Nesterov momentum.")
+    weight_decay: float = _setting(5e-4, "Coupled L2 weight decay.")
+    lr_schedule: str = _setting(
+        "multistep", f"{', '.join(LR_SCHEDULES)} (multistep: x0.1 at 50% "
+        "and 75% of the epochs).")
+    seed: int = _setting(0, "Seed of the initialisation, the split, the "
+                         "order and the augmentation.")
+    deterministic: bool = _setting(
+        False, "Deterministic ops: bitwise reproducible, slower.")
+    # Execution.
+    distribute: str = _setting(
+        "none", f"Distribution strategy: {', '.join(distribute_lib.STRATEGIES)}.")
+    mixed_precision: str = _setting(
+        "none", f"Mixed precision: {', '.join(distribute_lib.PRECISIONS)}.")
+    jit_compile: bool = _setting(False, "XLA-compile the training step.")
+    table_dtype: str = _setting(
+        "float32", f"Storage of the PS-KD table: {', '.join(TABLE_DTYPES)}.")
+    # Run directory.
+    model_dir: str | None = _setting(
+        None, "Run directory; default: runs/<dataset>_<arch>_<methods>. "
+        "An existing run is resumed.")
+    eval_every: int = _setting(
+        1, "Evaluate on the evaluation split after the first epoch, every "
+        "this many epochs and after the last.")
+    save_every_steps: int = _setting(
+        0, "Also checkpoint every this many steps (0: only at epoch ends).")
+    overwrite: bool = _setting(
+        False, "Delete the run in --model_dir and start afresh.")
+
+    def selfkd_config(self) -> losses.SelfKDConfig:
+        """The objective's configuration."""
+        return losses.SelfKDConfig(
+            methods=tuple(self.methods), pskd_alpha=self.pskd_alpha,
+            pskd_teacher=self.pskd_teacher, byot_alpha=self.byot_alpha,
+            byot_lambda=self.byot_lambda, temperature=self.temperature,
+            byot_exits=self.byot_exits, dmfl_gradient=self.dmfl_gradient,
+        )
+
+    def validate(self) -> None:
+        """Raises `SettingsError` naming the first invalid flag.
+
+        Example:
+
+        >>> try:
+        ...     TrainSettings(arch="resnet19").validate()
+        ... except SettingsError as error:
+        ...     print(error.flag)
+        arch
+        """
+        if not self.dataset:
+            raise SettingsError(
+                "dataset", "missing; allowed: digits, cifar10, cifar100, cifar:PATH, "
+                "folder:PATH, npz:PATH")
+        check_choice("arch", self.arch, ARCHITECTURES)
+        if self.exit_head is not None:
+            check_choice("exit_head", self.exit_head, EXIT_HEADS)
+        check_choice("num_stages", self.num_stages, NUM_STAGES)
+        if not self.width_multiplier > 0:
+            raise SettingsError(
+                "width_multiplier", f"got {self.width_multiplier}; allowed: > 0")
+        with as_settings_error():
+            self.selfkd_config().shallow_byot_exits(self.num_stages)
+        _check_at_least("epochs", self.epochs, 1)
+        _check_at_least("batch_size", self.batch_size, 1)
+        if not self.lr > 0:
+            raise SettingsError("lr", f"got {self.lr}; allowed: > 0")
+        if not 0 <= self.momentum < 1:
+            raise SettingsError("momentum", f"got {self.momentum}; allowed: [0, 1)")
+        if not self.weight_decay >= 0:
+            raise SettingsError(
+                "weight_decay", f"got {self.weight_decay}; allowed: >= 0")
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_at_least("seed", self.seed, 0)
+        check_choice("distribute", self.distribute, distribute_lib.STRATEGIES)
+        check_choice("mixed_precision", self.mixed_precision, distribute_lib.PRECISIONS)
+        check_choice("table_dtype", self.table_dtype, TABLE_DTYPES)
+        if self.subset_seed is not None:
+            _check_at_least("subset_seed", self.subset_seed, 0)
+        _check_at_least("eval_every", self.eval_every, 1)
+        _check_at_least("save_every_steps", self.save_every_steps, 0)
+
+    def default_model_dir(self) -> str:
+        """``runs/<dataset>_<arch>_<methods>``, e.g. ``runs/cifar100_resnet18_pskd+byot``."""
+        kind, _, path = self.dataset.partition(":")
+        name = os.path.basename(os.path.normpath(path)) if path else kind
+        methods = "+".join(self.methods) or "baseline"
+        return os.path.join("runs", f"{name}_{self.arch}_{methods}")
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (tuples become lists)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainSettings":
+        """Inverse of `to_json`; absent keys take their defaults."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SettingsError(None, f"unknown settings {unknown}")
+        values = dict(d)
+        for key in ("methods", "byot_exits"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def check_choice(flag: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SettingsError(
+            flag, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _check_at_least(flag: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingsError(flag, f"got {value!r}; allowed: integers >= {minimum}")
+
+
+_FLAG_NAMES = frozenset(f.name for f in dataclasses.fields(TrainSettings))
+# "`arch` must be ...", "epochs: ...", "batch_size must be ..." all name a flag.
+_NAMED_FLAG = re.compile(r"^`?(\w+)`?:?\s+(.*)$", re.DOTALL)
+
+
+@contextlib.contextmanager
+def as_settings_error():
+    """Re-raises a library `ValueError` met at start-up as a `SettingsError`.
+
+    The message is reduced to its first line and attributed to the flag it
+    starts with; data errors that name no flag are about ``dataset``.
+    """
+    try:
+        yield
+    except SettingsError:
+        raise
+    except ValueError as error:
+        message = (str(error).strip() or type(error).__name__).splitlines()[0]
+        match = _NAMED_FLAG.match(message)
+        if match and match.group(1) in _FLAG_NAMES:
+            raise SettingsError(match.group(1), match.group(2)) from error
+        flag = "dataset" if isinstance(error, data_lib.DataError) else None
+        raise SettingsError(flag, message) from error
+
+
+def read_settings(run_dir: str) -> TrainSettings | None:
+    """The settings in ``run_dir``'s ``flags.json``; None if there is none.
+
+    Raises:
+        SettingsError (flag ``model_dir``): the file is unreadable, not JSON,
+            not a settings record, or holds values of the wrong type or
+            outside their allowed values.
+    """
+    path = os.path.join(run_dir, FLAGS_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        value = run_directory.read_json(path)
+        if not isinstance(value, dict):
+            raise SettingsError(None, "not a JSON object")
+        settings = TrainSettings.from_json(value)
+        hints = typing.get_type_hints(TrainSettings)
+        wrong = [f"{k}={v!r}" for k, v in dataclasses.asdict(settings).items()
+                 if not run_directory.fits_type(v, hints[k])]
+        if wrong:
+            raise SettingsError(None, f"values of the wrong type: {', '.join(wrong)}")
+        settings.validate()
+    except run_directory.RunDirectoryError as err:
+        raise SettingsError("model_dir", str(err)) from err
+    except (SettingsError, TypeError) as err:
+        raise SettingsError("model_dir", f"unusable {path}: {err}") from err
+    return settings
