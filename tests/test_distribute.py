@@ -30,6 +30,7 @@ from selfkd_tf.multiworker import DEFECT_BATCH_REDUCE, keras_multiworker_defects
 from selfkd_tf.optimizers import make_optimizer
 from selfkd_tf.training import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
+from training_support import StepRecorder
 
 NUM_CLASSES = 4
 # 56 = 3 full global batches of 16 and a last one of 8, split 4 + 4.
@@ -48,30 +49,6 @@ WORKER_EVAL_EXAMPLES = 21
 
 
 # -- child processes --------------------------------------------------------
-
-
-class _StepRecorder(keras.callbacks.Callback):
-    """Per-step losses, and the PS-KD table after every epoch's refresh.
-
-    Keras logs running means over the epoch; resetting the trackers before
-    every step makes the logged loss that step's loss.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.losses, self.tables, self.valid = [], [], []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        for metric in self.model.metrics:
-            metric.reset_state()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.losses.append(float(logs["loss"]))
-
-    def on_epoch_end(self, epoch, logs=None):
-        # SelfKDModel.fit runs the table refresh before any other callback.
-        self.tables.append(self.model.soft_target_table.numpy())
-        self.valid.append(self.model.soft_target_valid.numpy())
 
 
 def _selfkd_resnet(strategy: tf.distribute.Strategy, num_examples: int = NUM_EXAMPLES,
@@ -100,11 +77,11 @@ def _train_with_pskd(strategy: tf.distribute.Strategy, num_examples: int = NUM_E
         validation = indexed_dataset(*learnable_arrays(
             eval_examples, NUM_CLASSES, size=image_size, seed=1), GLOBAL_BATCH)
     model = _selfkd_resnet(strategy, num_examples, image_size)
-    recorder = _StepRecorder()
+    recorder = StepRecorder()
     history = model.fit(indexed_dataset(images, labels, GLOBAL_BATCH), epochs=EPOCHS,
                         verbose=0, callbacks=[recorder], validation_data=validation)
     results = {
-        "losses": np.array(recorder.losses),
+        "losses": recorder.column("loss"),
         "tables": np.stack(recorder.tables),
         "valid": np.stack(recorder.valid),
         "weights": np.concatenate([w.ravel() for w in model.backbone.get_weights()]),

@@ -42,6 +42,7 @@ from selfkd_tf.models.primitives import batch_norm
 from selfkd_tf.optimizers import make_optimizer
 from selfkd_tf.training import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
+from training_support import StepRecorder
 
 NUM_CLASSES = 4
 IMAGE_SIZE = 8
@@ -100,25 +101,6 @@ class _GhostBatchNorm(SelfKDModel):
         return tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *parts)
 
 
-class _StepRecorder(keras.callbacks.Callback):
-    """Every step's logs (metrics reset before each step) and every epoch's table."""
-
-    def __init__(self):
-        super().__init__()
-        self.keys, self.logs, self.tables = [], [], []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        for metric in self.model.metrics:
-            metric.reset_state()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.keys = sorted(logs)
-        self.logs.append([float(logs[k]) for k in self.keys])
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.tables.append(self.model.soft_target_table.numpy())
-
-
 def _two_exit_backbone(sync: bool, sync_head: bool | None = None) -> keras.Model:
     """A two-exit network with batch norm on both paths, cheap to trace R times.
 
@@ -155,7 +137,7 @@ def _is_moving_statistic(variable) -> bool:
 
 
 def _train(model, dataset, prefix: str, callbacks=()) -> dict[str, np.ndarray]:
-    recorder = _StepRecorder()
+    recorder = StepRecorder()
     model.fit(dataset, epochs=EPOCHS, verbose=0, callbacks=[recorder, *callbacks])
     backbone = model.backbone.weights
     return {
