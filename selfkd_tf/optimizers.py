@@ -75,10 +75,10 @@ def convert_momentum(optimizer: keras.optimizers.Optimizer,
     """Rewrites a built SGD's momentum slots between the two forms.
 
     ``b = -v / lr`` (``to_rate_form=False``) or ``v = -lr * b``, with
-    ``lr`` the rate of the optimiser's next step, so that step is the same
-    in both forms: a Keras-form checkpoint resumes under `SGD` (and back)
-    without a jump. At a rate of 0 (the end of a cosine schedule) the
-    buffers become 0.
+    ``lr`` the rate of the optimiser's next step. Both forms then take the
+    same steps until the rate next changes, so a Keras-form checkpoint
+    resumes under `SGD` (and back) without a jump. At a rate of 0 (the end
+    of a cosine schedule) the buffers become 0.
 
     Raises:
         ValueError: ``optimizer`` is not a built `keras.optimizers.SGD`
