@@ -62,9 +62,9 @@ from selfkd_tf.evaluation import evaluate_model
 from selfkd_tf.files import write_atomically
 from selfkd_tf.run_directory import (
     CHECKPOINT_DIR, DATA_FILE, FLAGS_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
-    RUN_FILES, TENSORBOARD_DIR)
+    RESUME_SAFE_FIELDS, RUN_FILES, TENSORBOARD_DIR)
 from selfkd_tf.settings import (
-    RESUME_SAFE_FIELDS, SettingsError, TrainSettings, as_settings_error, read_settings)
+    SettingsError, TrainSettings, as_settings_error, read_settings)
 from selfkd_tf.training import SelfKDModel
 
 

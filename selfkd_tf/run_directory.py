@@ -61,6 +61,15 @@ RUN_FILES = (FLAGS_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
              TENSORBOARD_DIR, CHECKPOINT_DIR)
 """Everything training writes in a run directory (and ``overwrite`` removes)."""
 
+RESUME_SAFE_FIELDS = frozenset({
+    "data_dir", "model_dir", "overwrite", "save_every_steps", "distribute",
+    "jit_compile", "deterministic", "eval_every",
+})
+"""Fields of ``flags.json`` a resumed run may change: where things are and
+how fast they run, not what is computed. Any other difference refuses to
+resume, and runs that differ only in these (and the seed) are repeats of one
+recipe."""
+
 
 class RunDirectoryError(ValueError):
     """A file of a run directory cannot be used; ``str(error)`` is one line."""

@@ -32,13 +32,6 @@ from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
 from selfkd_tf.optimizers import LR_SCHEDULES
 from selfkd_tf.run_directory import FLAGS_FILE
 
-RESUME_SAFE_FIELDS = frozenset({
-    "data_dir", "model_dir", "overwrite", "save_every_steps", "distribute",
-    "jit_compile", "deterministic", "eval_every",
-})
-"""Settings a resumed run may change: where things are and how fast they
-run, not what is computed. Any other difference refuses to resume."""
-
 TABLE_DTYPES = ("float32", "float16")
 
 

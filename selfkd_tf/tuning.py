@@ -86,7 +86,8 @@ from selfkd_tf import distribute
 from selfkd_tf import files
 from selfkd_tf.training import SelfKDModel
 from selfkd_tf.builders import build_datasets, build_model, compile_model, seed_everything
-from selfkd_tf.settings import RESUME_SAFE_FIELDS, SettingsError, TrainSettings
+from selfkd_tf.run_directory import RESUME_SAFE_FIELDS
+from selfkd_tf.settings import SettingsError, TrainSettings
 
 TUNERS = ("random", "bayesian", "hyperband")
 DIMENSIONS = ("pskd_alpha", "byot_alpha", "byot_lambda", "temperature", "lr",
