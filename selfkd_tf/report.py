@@ -7,6 +7,12 @@ renders them into an output directory:
   training time of each run (layout of Table 1 of PS-KD), one table per
   dataset and split.
 * `table2.md`: the accuracy of every exit and of the exits' ensemble.
+* `summary.md`: Tables 1 and 2 over seeds, one row per recipe with the mean
+  ± sample standard deviation of its runs (`selfkd_tf.seed_summary` groups
+  runs that differ only in their seed), and, given training-split records
+  (``train_metrics_file``), the training accuracy and the generalisation
+  gap. Written when some recipe has two or more runs, or training-split
+  records are read; otherwise it would repeat `table1.md`.
 * `figure2.png`: top-1 error against training time per epoch.
 * `reliability_<run>.png`: reliability diagram of the deepest exit.
 * `curves_<run>.png`: per-exit accuracy along training.
@@ -23,7 +29,8 @@ Example:
 
 ```python
 found = runs.load_runs(["runs/*"])
-write_report(found.runs, "report", skipped=found.skipped)
+write_report(found.runs, "report", skipped=found.skipped,
+             train_metrics_file="metrics_train.json")
 ```
 """
 
@@ -33,13 +40,16 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from selfkd_tf import seed_summary
+from selfkd_tf.run_directory import RESUME_SAFE_FIELDS
 from selfkd_tf.runs import Run, RunDataError, SkippedRun
+from selfkd_tf.seed_summary import SeedGroup, Spread
 
 TABLE1_SCORES = (
     ("top1_err", "Top-1 err (%)", ".2f"),
@@ -53,6 +63,7 @@ those `selfkd_tf.runs.SCORES` requires."""
 
 _ACCURACY_COLUMN = re.compile(r"^(val_)?(?:(?:exit_?(\d+)|(ensemble))_)?accuracy$")
 _MISSING = "n/a"
+_Item = TypeVar("_Item")
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +83,14 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     )
 
 
-def _by_dataset(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
-    """Runs grouped by `dataset (split)`, groups and runs in input order."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        key = f"{run.metrics['dataset']} ({run.metrics['split']})"
-        groups.setdefault(key, []).append(run)
+def _by_dataset(items: Sequence[_Item], run_of: Callable[[_Item], Run] = lambda run: run
+                ) -> list[tuple[str, list[_Item]]]:
+    """Runs (or groups of runs: ``run_of`` gives one) grouped by
+    `dataset (split)`, groups and items in input order."""
+    groups: dict[str, list[_Item]] = {}
+    for item in items:
+        metrics = run_of(item).metrics
+        groups.setdefault(f"{metrics['dataset']} ({metrics['split']})", []).append(item)
     return list(groups.items())
 
 
@@ -168,6 +181,18 @@ def table1_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> 
     return "\n".join(sections + _report_notes(runs, skipped))
 
 
+def _classifier_columns(width: int) -> list[str]:
+    """Headers of the exits of the deepest of ``width`` exits, and the ensemble."""
+    return [*(f"Exit {i} (stage {i})" for i in range(1, width)),
+            f"Exit {width} (deepest)", "Ensemble"]
+
+
+def _classifier_cells(exits: Sequence[str], ensemble: str, width: int) -> list[str]:
+    """Cells under `_classifier_columns(width)`, aligned by depth; a single
+    exit has no ensemble."""
+    return [*[""] * (width - len(exits)), *exits, ensemble if len(exits) > 1 else ""]
+
+
 def table2_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> str:
     """Table 2: top-1 accuracy (%) of every exit and of the ensemble.
 
@@ -182,20 +207,15 @@ def table2_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> 
     sections = ["# Table 2: accuracy (%) of each classifier", ""]
     for title, group in _by_dataset(runs):
         width = max(run.num_exits for run in group)
-        exit_titles = [f"Exit {i} (stage {i})" for i in range(1, width)]
-        header = ["Run", "Model", "Method", *exit_titles,
-                  f"Exit {width} (deepest)", "Ensemble"]
+        header = ["Run", "Model", "Method", *_classifier_columns(width)]
         rows = []
         for run in group:
             accuracies = [
-                f"{100.0 - e['top1_err']:.2f}" for e in run.metrics["exits"]
+                f"{seed_summary.accuracy(e):.2f}" for e in run.metrics["exits"]
             ]
-            ensemble = 100.0 - run.metrics["ensemble"]["top1_err"]
-            rows.append([
-                run.name, run.model, run.method,
-                *[""] * (width - run.num_exits), *accuracies,
-                f"{ensemble:.2f}" if run.num_exits > 1 else "",
-            ])
+            ensemble = seed_summary.accuracy(run.metrics["ensemble"])
+            rows.append([run.name, run.model, run.method,
+                         *_classifier_cells(accuracies, f"{ensemble:.2f}", width)])
         sections += [f"## {title}", "", _markdown_table(header, rows, 3), "",
                      *_group_note(group)]
     sections += [
@@ -204,6 +224,95 @@ def table2_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> 
         *_report_notes(runs, skipped),
     ]
     return "\n".join(sections)
+
+
+def _spread_cell(value: Spread | None, spec: str, n: int) -> str:
+    """``value`` formatted; ``(n=k)`` when it covers k of the row's n runs."""
+    if value is None:
+        return _MISSING
+    cell = value.format(spec)
+    return cell if value.n == n else f"{cell} (n={value.n})"
+
+
+def _summary_notes(train_metrics_file: str, missing: Sequence[str]) -> list[str]:
+    """Markdown lines saying how `summary_markdown`'s cells are computed."""
+    safe = ", ".join(sorted(RESUME_SAFE_FIELDS))
+    lines = [
+        "Each cell: mean ± sample standard deviation over the recipe's runs, "
+        "s = √(Σ(x − x̄)² / (n − 1)); a cell without ± is the value of a "
+        "single run; (n=k): over the k runs that have the value. A recipe's "
+        "runs have the same flags.json except for seed and fields that do not "
+        f"change the result ({safe}), and scored the same data set, split and "
+        "number of examples; runs without flags.json are rows of their own.", ""]
+    if train_metrics_file:
+        lines += [
+            f"Train acc: accuracy of the deepest exit on the training split "
+            f"({train_metrics_file}). Gap: training minus reported accuracy of "
+            "the deepest exit (the split in the heading), in percentage points, "
+            "per run, then mean ± standard deviation over the runs.", ""]
+        if missing:
+            lines += [f"No {train_metrics_file} (n/a): {', '.join(missing)}.", ""]
+    return lines
+
+
+def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] = (),
+                     train_metrics_file: str = "") -> str:
+    """Tables 1 and 2 over seeds: one row per recipe (`SeedGroup`).
+
+    Rows give the recipe's label, model, method, number of runs ``n`` and
+    their seeds (``?`` without flags.json); cells are ``mean ± std`` over the
+    runs (`seed_summary.Spread.format`; the value alone for ``n = 1``).
+    Table 1 has the scores of `table1_markdown` and, with
+    ``train_metrics_file`` (the groups' `SeedGroup.train_metrics` were read
+    from it), ``Train acc (%)`` and ``Gap (points)``; a third table then
+    lists each run's test and training accuracy and gap. Table 2 is
+    aligned by depth as in `table2_markdown`. Notes as in `table1_markdown`,
+    and the definitions of the cells.
+    """
+    columns = ["Recipe", "Model", "Method", "n", "Seeds"]
+    header1 = [*columns, *(title for _, title, _ in TABLE1_SCORES)]
+    if train_metrics_file:
+        header1 += ["Train acc (%)", "Gap (points)"]
+    sections = ["# Summary: mean ± standard deviation over seeds", ""]
+    for title, section in _by_dataset(groups, lambda group: group.runs[0]):
+        width = max(group.runs[0].num_exits for group in section)
+        split = section[0].runs[0].metrics["split"]
+        rows1, rows2, per_run = [], [], []
+        for group in section:
+            first = group.runs[0]
+            seeds = ", ".join("?" if s is None else str(s) for s in group.seeds)
+            cells = [first.model, first.method, str(group.n), seeds]
+            scores = [_spread_cell(group.score(key), fmt, group.n)
+                      for key, _, fmt in TABLE1_SCORES]
+            if train_metrics_file:
+                scores += [_spread_cell(group.train_accuracy(), ".2f", group.n),
+                           _spread_cell(group.gap(), ".2f", group.n)]
+            rows1.append([group.label, *cells, *scores])
+            exits = [_spread_cell(a, ".2f", group.n) for a in group.exit_accuracies()]
+            ensemble = _spread_cell(group.ensemble_accuracy(), ".2f", group.n)
+            rows2.append([group.label, *cells,
+                          *_classifier_cells(exits, ensemble, width)])
+            for run, train, gap in zip(group.runs, group.train_accuracies(), group.gaps()):
+                per_run.append([
+                    run.name, group.label, str(run.flags.get("seed", "?")),
+                    f"{seed_summary.accuracy(run.deepest):.2f}",
+                    *(_MISSING if v is None else f"{v:.2f}" for v in (train, gap))])
+        sections += [
+            f"## Table 1 over seeds: deepest classifier, {title}", "",
+            _markdown_table(header1, rows1, 3), "",
+            f"## Table 2 over seeds: accuracy (%) of each classifier, {title}", "",
+            _markdown_table([*columns, *_classifier_columns(width)], rows2, 3), ""]
+        if train_metrics_file:
+            sections += [
+                f"## Training accuracy and gap of each run, {title}", "",
+                _markdown_table(["Run", "Recipe", "Seed", f"{split.capitalize()} acc (%)",
+                                 "Train acc (%)", "Gap (points)"], per_run, 2), ""]
+        sections += _group_note([run for group in section for run in group.runs])
+    missing = [run.name for group in groups
+               for run, train in zip(group.runs, group.train_metrics) if train is None]
+    runs = [run for group in groups for run in group.runs]
+    return "\n".join(sections + _summary_notes(train_metrics_file, missing)
+                     + _report_notes(runs, skipped))
 
 
 # ---------------------------------------------------------------------------
@@ -347,11 +456,15 @@ def _write_text(path: str, text: str) -> None:
 
 
 def write_report(runs: Sequence[Run], out_dir: str,
-                 skipped: Sequence[SkippedRun] = ()) -> list[str]:
+                 skipped: Sequence[SkippedRun] = (),
+                 train_metrics_file: str = "") -> list[str]:
     """Writes the tables and figures of `runs` into `out_dir`.
 
     The tables end with the `skipped` runs (e.g. `FoundRuns.skipped`) and
-    the reason each was left out.
+    the reason each was left out. `summary.md` (`summary_markdown`) is
+    written when some recipe has two or more runs or ``train_metrics_file``
+    is given: the name of each run's training-split record, e.g.
+    ``metrics_train.json`` (see `seed_summary.read_train_metrics`).
 
     Everything is rendered into a temporary directory first and moved into
     `out_dir` (created if needed) only once complete, so a failure leaves
@@ -361,13 +474,22 @@ def write_report(runs: Sequence[Run], out_dir: str,
 
     Returns:
         The paths written, sorted.
+
+    Raises:
+        RunDataError: No run, or a training-split record cannot be used
+            (see `seed_summary.read_train_metrics`); nothing is written.
     """
     if not runs:
         raise RunDataError("no run to report")
+    train_metrics = seed_summary.read_train_metrics(runs, train_metrics_file)
+    groups = seed_summary.group_seeds(runs, train_metrics)
     staging = tempfile.mkdtemp(prefix="selfkd-report-")
     try:
         _write_text(os.path.join(staging, "table1.md"), table1_markdown(runs, skipped))
         _write_text(os.path.join(staging, "table2.md"), table2_markdown(runs, skipped))
+        if train_metrics_file or any(group.n > 1 for group in groups):
+            _write_text(os.path.join(staging, "summary.md"),
+                        summary_markdown(groups, skipped, train_metrics_file))
         plot_figure2(runs, os.path.join(staging, "figure2.png"))
         for run in runs:
             stem = run.file_stem

@@ -319,6 +319,19 @@ def _check_metrics(metrics: dict[str, Any], path: str) -> None:
         raise RunDataError(f"{path}: 'reliability' lists have inconsistent lengths")
 
 
+def read_metrics(path: str) -> dict[str, Any]:
+    """Reads a metrics record (`metrics.json`'s schema) and checks that it
+    has what the report reads.
+
+    Raises:
+        RunDataError: The file is not a JSON object or lacks what the
+            report reads (the message is one line and names the file).
+    """
+    metrics = _read_json(path)
+    _check_metrics(metrics, path)
+    return metrics
+
+
 def _read_history(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         return {}
@@ -361,8 +374,7 @@ def load_run(path: str, name: str | None = None,
         raise RunDataError(
             f"{path}: no {metrics_file} (selfkd-eval --model={path} --out="
             f"{metrics_path} writes it)")
-    metrics = _read_json(metrics_path)
-    _check_metrics(metrics, metrics_path)
+    metrics = read_metrics(metrics_path)
     flags_path = os.path.join(path, "flags.json")
     flags = _read_json(flags_path) if os.path.isfile(flags_path) else {}
     return Run(

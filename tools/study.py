@@ -177,6 +177,7 @@ def main(argv):
     subprocess.run(
         [sys.executable, "-m", "selfkd_tf.cli.report", f"--runs={_OUT.value}",
          f"--metrics_file={EVALUATIONS[0][1]}",
+         f"--train_metrics_file={EVALUATIONS[1][1]}",
          f"--out={os.path.join(_OUT.value, 'report')}"],
         check=True,
     )

@@ -5,9 +5,16 @@ Usage:
     selfkd-report --runs=runs/resnet18_baseline,runs/resnet18_pskd --out=report
     selfkd-report --runs='runs/cifar100_*' --out=report
     selfkd-report --runs=runs --out=report --metrics_file=metrics_test.json
+    selfkd-report --runs=study --out=report --metrics_file=metrics_test.json --train_metrics_file=metrics_train.json
 
 Writes `table1.md`, `table2.md`, `figure2.png` and, per run,
 `reliability_<run>.png` and `curves_<run>.png` (see `selfkd_tf.report`).
+When some recipe was run with several seeds, or with
+``--train_metrics_file``, `summary.md` adds one row per recipe with the
+mean ± sample standard deviation over its seeds and, with
+``--train_metrics_file``, the training accuracy and the generalisation gap
+(see `selfkd_tf.seed_summary`).
+
 Directories under ``--runs`` are searched through symbolic links. Runs that
 cannot be reported yet (training not finished, no ``--metrics_file``) or at
 all (unreadable files) are skipped: each is named with the reason on stderr
@@ -15,9 +22,10 @@ and at the end of the tables. A table whose runs are not comparable (other
 numbers of scored examples, image sizes or numbers of exits) says so.
 
 Exit status: 0 when the report is written (also with skipped runs); 2 when a
-``--runs`` entry matches no run directory, when no run can be reported, or
-for a bad flag; 1 when ``--out`` cannot be written (one error line each,
-nothing written).
+``--runs`` entry matches no run directory, when no run can be reported, for
+a bad flag, or for an unusable ``--train_metrics_file`` record (of another
+split, data set or number of exits, or in no run directory); 1 when ``--out``
+cannot be written (one error line each, nothing written).
 """
 
 import logging
@@ -49,6 +57,14 @@ flags.DEFINE_string(
     "training, on the run's evaluation split) or a record that selfkd-eval "
     "wrote into the run directory, e.g. metrics_test.json for the whole test "
     "split.")
+flags.DEFINE_string(
+    "train_metrics_file", "",
+    "Each run's scores on its own training split, unaugmented: a record that "
+    "selfkd-eval --split=train wrote into the run directory, e.g. "
+    "metrics_train.json. summary.md then adds the training accuracy and the "
+    "generalisation gap (training minus reported accuracy, deepest exit). "
+    "Runs without the file show n/a; a record of another split is refused. "
+    "Empty: no training accuracy.")
 flags.mark_flags_as_required(["runs", "out"])
 
 
@@ -74,7 +90,10 @@ def main(argv: list[str]) -> int:
         program.fail(PROGRAM, f"no run to report: all {len(found.skipped)} "
                      "run directories were skipped (see above)")
     try:
-        written = report.write_report(found.runs, FLAGS.out, found.skipped)
+        written = report.write_report(found.runs, FLAGS.out, found.skipped,
+                                      FLAGS.train_metrics_file)
+    except runs_lib.RunDataError as err:
+        program.fail(PROGRAM, f"--train_metrics_file: {err}")
     except OSError as err:
         program.fail(PROGRAM, f"--out: cannot write {FLAGS.out}: {err}", status=1)
     for path in written:
