@@ -269,9 +269,12 @@ class TrainingCheckpoint:
                 f"the checkpoint {path} does not fit the model or cannot be "
                 f"read: {_first_line(err)}") from err
         optimizer = self.model.optimizer
-        if (isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum
-                and holds_rate != optimizers.momentum_holds_rate(optimizer)):
-            optimizers.convert_momentum(optimizer, to_rate_form=not holds_rate)
+        current = optimizers.momentum_holds_rate(optimizer)
+        if optimizers.sgd_with_momentum(optimizer) and holds_rate != current:
+            optimizers.convert_momentum(optimizer, to_rate_form=current)
+        # The restore set the mark to the checkpoint's; the momentum is now
+        # in this optimizer's form, which the next checkpoint must say.
+        self._momentum_holds_rate.assign(current)
         return Position(int(self._progress.epoch.numpy()),
                         int(self._progress.step.numpy()),
                         float(self._progress.train_time_s.numpy()))

@@ -198,6 +198,8 @@ def _save_model(model: SelfKDModel, path: str) -> None:
     try:
         with checkpointing.uninterrupted():
             model.save(temporary)
+            # mkstemp made it owner-only; readable like the other run files.
+            os.chmod(temporary, 0o644)
             os.replace(temporary, path)
     finally:
         if os.path.lexists(temporary):

@@ -20,6 +20,8 @@ model.compile(optimizer=optimizer)  # x0.1 after epochs 50 and 75
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -40,10 +42,22 @@ class SGD(keras.optimizers.SGD):
 
     (PyTorch's ``torch/optim/sgd.py``). Keras's `keras.optimizers.SGD`
     stores ``v = -lr * b`` instead, accumulated at past rates, so its steps
-    differ from these after every change of the rate. Arguments, weight
-    decay and schedules are those of `keras.optimizers.SGD`; the model's
-    coupled L2 decay (`selfkd_tf.training.SelfKDModel`) is part of ``g``.
+    differ from these after every change of the rate. Arguments and
+    schedules are those of `keras.optimizers.SGD`, except ``weight_decay``:
+    Keras's is decoupled, PyTorch's coupled, so it is refused here; the
+    model's coupled L2 decay (`selfkd_tf.training.SelfKDModel`
+    ``weight_decay``) is part of ``g``.
+
+    Raises:
+        ValueError: a ``weight_decay``.
     """
+
+    def __init__(self, *args, weight_decay=None, **kwargs):
+        if weight_decay:
+            raise ValueError(
+                "weight_decay: SGD takes PyTorch's steps, whose weight decay is "
+                "coupled L2; pass it to SelfKDModel(weight_decay=...) instead")
+        super().__init__(*args, **kwargs)
 
     def update_step(self, gradient, variable, learning_rate):
         if self.momentum == 0:
@@ -60,14 +74,26 @@ class SGD(keras.optimizers.SGD):
         self.assign_sub(variable, ops.multiply(direction, learning_rate))
 
 
+def sgd_with_momentum(optimizer: keras.optimizers.Optimizer
+                      ) -> keras.optimizers.SGD | None:
+    """The `keras.optimizers.SGD` (or `SGD`) with momentum that ``optimizer``
+    is or wraps (mixed precision wraps it in a ``LossScaleOptimizer``), or
+    None."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum != 0:
+        return optimizer
+    return None
+
+
 def momentum_holds_rate(optimizer: keras.optimizers.Optimizer) -> bool:
     """Whether ``optimizer``'s momentum slots hold Keras's ``-lr * b``.
 
-    True for a `keras.optimizers.SGD` with momentum that is not `SGD`;
-    false for `SGD` (which holds ``b``) and any other optimiser.
+    True for a `keras.optimizers.SGD` with momentum that is not `SGD`
+    (also inside a ``LossScaleOptimizer``); false for `SGD` (which holds
+    ``b``) and any other optimiser.
     """
-    return (isinstance(optimizer, keras.optimizers.SGD)
-            and not isinstance(optimizer, SGD) and optimizer.momentum != 0)
+    sgd = sgd_with_momentum(optimizer)
+    return sgd is not None and not isinstance(sgd, SGD)
 
 
 def convert_momentum(optimizer: keras.optimizers.Optimizer,
@@ -81,14 +107,14 @@ def convert_momentum(optimizer: keras.optimizers.Optimizer,
     of a cosine schedule) the buffers become 0.
 
     Raises:
-        ValueError: ``optimizer`` is not a built `keras.optimizers.SGD`
-            with momentum.
+        ValueError: ``optimizer`` is not (and does not wrap) a built
+            `keras.optimizers.SGD` with momentum.
     """
-    if (not isinstance(optimizer, keras.optimizers.SGD) or optimizer.momentum == 0
-            or not optimizer.built):
+    sgd = sgd_with_momentum(optimizer)
+    if sgd is None or not sgd.built:
         raise ValueError("convert_momentum: needs a built SGD with momentum")
-    rate = float(ops.convert_to_numpy(optimizer.learning_rate))
-    for slot in optimizer.momentums:
+    rate = float(ops.convert_to_numpy(sgd.learning_rate))
+    for slot in sgd.momentums:
         if to_rate_form:
             slot.assign(slot * -rate)
         else:
@@ -103,32 +129,40 @@ def learning_rate_schedule(
 ) -> keras.optimizers.schedules.LearningRateSchedule | float:
     """The paper's learning-rate schedules, indexed by optimizer step.
 
-    ``multistep`` multiplies the rate by 0.1 after 50% and after 75% of the
-    epochs (the PS-KD recipe, on epoch boundaries); ``cosine`` decays to 0
-    over all steps; ``constant`` keeps it fixed. Being a function of the
-    optimizer's step counter, the schedule resumes exactly from a
-    checkpoint.
+    ``multistep`` multiplies the rate by 0.1 after epoch ``epochs // 2``
+    and again after epoch ``epochs * 3 // 4`` (the PS-KD recipe's 150 and
+    225 of 300, as ``torch.optim.lr_scheduler.MultiStepLR`` steps once per
+    epoch: a milestone of 0 never applies, so 1 epoch trains at
+    ``learning_rate`` throughout); ``cosine`` decays to 0 over all steps;
+    ``constant`` keeps it fixed. Being a function of the optimizer's step
+    counter, the schedule resumes exactly from a checkpoint.
 
     Raises:
-        ValueError: an unknown ``schedule``.
+        ValueError: an unknown ``schedule``, a ``learning_rate`` that is not
+            a finite number > 0, or ``epochs`` or ``steps_per_epoch`` < 1.
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(
             f"lr_schedule: got {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}."
         )
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"lr: got {learning_rate}; allowed: finite numbers > 0")
+    for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: got {value!r}; allowed: integers >= 1")
     if schedule == "constant":
         return learning_rate
-    total_steps = epochs * steps_per_epoch
     if schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
+        return keras.optimizers.schedules.CosineDecay(
+            learning_rate, epochs * steps_per_epoch)
+    milestones = [m for m in (epochs // 2, epochs * 3 // 4) if m >= 1]
+    if not milestones:
+        return learning_rate
     # PiecewiseConstantDecay switches *after* a boundary step; subtracting
     # one makes the first step of the decayed epoch use the decayed rate.
-    boundaries = [
-        (epochs // 2) * steps_per_epoch - 1,
-        (epochs * 3 // 4) * steps_per_epoch - 1,
-    ]
     return keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [learning_rate, learning_rate * 0.1, learning_rate * 0.01]
+        [m * steps_per_epoch - 1 for m in milestones],
+        [learning_rate * 0.1**i for i in range(len(milestones) + 1)],
     )
 
 
@@ -147,12 +181,17 @@ def make_optimizer(
     would not reproduce under momentum.
 
     Raises:
-        ValueError: an unknown ``schedule``.
+        ValueError: a ``momentum`` outside [0, 1), a ``nesterov`` that is not
+            a bool, or a bad schedule argument (`learning_rate_schedule`).
     """
+    if not 0 <= momentum < 1:  # also refuses NaN
+        raise ValueError(f"momentum: got {momentum}; allowed: [0, 1)")
+    if not isinstance(nesterov, bool):
+        raise ValueError(f"nesterov: got {nesterov!r}; allowed: True, False")
     return SGD(
         learning_rate=learning_rate_schedule(
             learning_rate, schedule, epochs, steps_per_epoch
         ),
-        momentum=momentum,
+        momentum=float(momentum),
         nesterov=nesterov,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -168,6 +169,11 @@ class TrainSettings:
         ...     print(error.flag)
         arch
         """
+        # inf passes every range check below (inf > 0) and trains to NaN.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(field.name, f"got {value}; allowed: finite numbers")
         if not self.dataset:
             raise SettingsError(
                 "dataset", "missing; allowed: digits, cifar10, cifar100, cifar:PATH, "

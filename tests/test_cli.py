@@ -3,8 +3,11 @@
 import csv
 import dataclasses
 import json
+import math
 import os
+import pathlib
 import re
+import stat
 import subprocess
 import sys
 
@@ -46,6 +49,18 @@ def test_settings_round_trip_through_json():
     assert TrainSettings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
     with pytest.raises(SettingsError, match="unknown settings"):
         TrainSettings.from_json({"arch": "resnet18", "depth": 3})
+
+
+def test_every_float_setting_refuses_infinity_and_nan():
+    """``inf`` passes a ``> 0`` check and trains to NaN (``--lr=inf`` did)."""
+    floats = [f.name for f in dataclasses.fields(TrainSettings)
+              if isinstance(getattr(TrainSettings(), f.name), float)]
+    assert {"lr", "momentum", "weight_decay", "width_multiplier"} <= set(floats)
+    for name in floats:
+        for value in (math.inf, -math.inf, math.nan):
+            with pytest.raises(SettingsError, match=f"^{name}: got .*finite") as error:
+                dataclasses.replace(TrainSettings(), **{name: value}).validate()
+            assert error.value.flag == name
 
 
 @pytest.mark.parametrize("change, flag, allowed", [
@@ -124,6 +139,10 @@ def test_train_writes_a_run_and_never_overwrites_it_silently(tmp_path):
     assert "Traceback" not in result.stderr
     assert not TF_NOISE.search(result.stderr), result.stderr
     assert sorted(os.listdir(run_dir)) == sorted(RUN_FILES)
+    # Every run file readable like any other output (model.keras was owner-only).
+    modes = {name: stat.S_IMODE(os.stat(run_dir / name).st_mode)
+             for name in ("flags.json", "data.json", "metrics.json", "model.keras")}
+    assert set(modes.values()) == {0o644}, modes
 
     # The one-line epoch summaries, numbered as the history and TensorBoard.
     summaries = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
@@ -323,3 +342,12 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130():
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 130
     assert result.stderr.strip() == "selfkd-thing: error: interrupted"
+
+
+def test_readme_lists_every_training_flag():
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = "\n".join(line for line in readme.splitlines()
+                      if line.startswith("- **") and "`--" in line)
+    listed = set(re.findall(r"`--(\w+)`", block))
+    missing = [f.name for f in dataclasses.fields(TrainSettings) if f.name not in listed]
+    assert not missing, f"README's flag list lacks --{', --'.join(missing)}"

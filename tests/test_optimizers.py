@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from selfkd_tf import checkpointing
-from selfkd_tf.optimizers import SGD, convert_momentum, make_optimizer
+from selfkd_tf.optimizers import SGD, convert_momentum, learning_rate_schedule, make_optimizer
 
 # Keras's own weight serialization trips a NumPy 2 deprecation notice.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")
@@ -145,3 +145,88 @@ def test_a_checkpoint_that_does_not_say_its_form_is_read_as_keras_momentum(tmp_p
     _apply(resumed, gradients[2])
     for a, b in zip(reference.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_converted_checkpoint_is_saved_in_the_new_form(tmp_path):
+    """Keras form -> `SGD` -> `SGD`: the second resume must not convert again."""
+    gradients = (1.0, -2.0, 0.5, 3.0)
+    reference = _run(keras.optimizers.SGD, gradients)
+    first = _run(keras.optimizers.SGD, gradients[:2])
+    checkpointing.TrainingCheckpoint(first, str(tmp_path / "a")).save(
+        checkpointing.Position(), 2)
+    second = _run(SGD, ())
+    checkpointing.TrainingCheckpoint(second, str(tmp_path / "a")).restore_latest()
+    _apply(second, gradients[2])
+    checkpointing.TrainingCheckpoint(second, str(tmp_path / "b")).save(
+        checkpointing.Position(), 3)
+    third = _run(SGD, ())
+    checkpointing.TrainingCheckpoint(third, str(tmp_path / "b")).restore_latest()
+    np.testing.assert_allclose(third.optimizer.momentums[0].numpy(),
+                               second.optimizer.momentums[0].numpy(), rtol=1e-6)
+    _apply(third, gradients[3])
+    for a, b in zip(reference.get_weights(), third.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_mixed_precision_checkpoints_resume_across_forms(tmp_path):
+    """Mixed precision wraps the SGD in a LossScaleOptimizer; the form is the inner one's."""
+    def run(optimizer_class, gradients):
+        keras.utils.set_random_seed(0)
+        model = _model(keras.optimizers.LossScaleOptimizer(
+            optimizer_class(0.1, momentum=0.9, nesterov=True)))
+        for gradient in gradients:
+            _apply(model, gradient)
+        return model
+
+    gradients = (1.0, -2.0, 0.5)
+    reference = run(keras.optimizers.SGD, gradients)
+    first = run(keras.optimizers.SGD, gradients[:2])
+    checkpointing.TrainingCheckpoint(first, str(tmp_path)).save(
+        checkpointing.Position(), 2)
+    resumed = run(SGD, ())
+    checkpointing.TrainingCheckpoint(resumed, str(tmp_path)).restore_latest()
+    inner = resumed.optimizer.inner_optimizer
+    np.testing.assert_allclose(
+        inner.momentums[0].numpy(),
+        -first.optimizer.inner_optimizer.momentums[0].numpy() / 0.1, rtol=1e-6)
+    _apply(resumed, gradients[2])
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("epochs,rates", [
+    (1, [0.1, 0.1]),                          # no milestone: MultiStepLR's 0 never applies
+    (2, [0.1, 0.1, 0.001, 0.001]),            # both milestones after epoch 1
+    (3, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]),
+    (4, [0.1] * 4 + [0.01] * 2 + [0.001] * 2),
+])
+def test_multistep_drops_after_epochs_half_and_three_quarters(epochs, rates):
+    schedule = learning_rate_schedule(0.1, "multistep", epochs=epochs, steps_per_epoch=2)
+    got = [float(keras.ops.convert_to_numpy(schedule(step))) if callable(schedule)
+           else schedule for step in range(2 * epochs)]
+    np.testing.assert_allclose(got, rates, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(momentum=float("nan")), "momentum"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(momentum=-0.1), "momentum"),
+    (dict(learning_rate=float("inf")), "lr"),
+    (dict(learning_rate=float("nan")), "lr"),
+    (dict(learning_rate=0.0), "lr"),
+    (dict(epochs=0), "epochs"),
+    (dict(steps_per_epoch=0), "steps_per_epoch"),
+    (dict(nesterov="no"), "nesterov"),
+])
+def test_make_optimizer_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}: got"):
+        make_optimizer(**kwargs)
+
+
+def test_make_optimizer_takes_an_integer_momentum_of_zero():
+    assert make_optimizer(momentum=0).momentum == 0.0
+
+
+def test_decoupled_weight_decay_is_refused():
+    with pytest.raises(ValueError, match="coupled L2"):
+        SGD(0.1, momentum=0.9, weight_decay=0.5)
