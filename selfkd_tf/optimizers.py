@@ -139,14 +139,15 @@ def learning_rate_schedule(
 
     Raises:
         ValueError: an unknown ``schedule``, a ``learning_rate`` that is not
-            a finite number > 0, or ``epochs`` or ``steps_per_epoch`` < 1.
+            a finite number >= 0, or ``epochs`` or ``steps_per_epoch`` < 1.
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(
             f"lr_schedule: got {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}."
         )
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"lr: got {learning_rate}; allowed: finite numbers > 0")
+    # 0 is allowed, as by torch.optim.SGD: it freezes the weights.
+    if not (math.isfinite(learning_rate) and learning_rate >= 0):
+        raise ValueError(f"lr: got {learning_rate}; allowed: finite numbers >= 0")
     for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: got {value!r}; allowed: integers >= 1")

@@ -213,7 +213,7 @@ def test_multistep_drops_after_epochs_half_and_three_quarters(epochs, rates):
     (dict(momentum=-0.1), "momentum"),
     (dict(learning_rate=float("inf")), "lr"),
     (dict(learning_rate=float("nan")), "lr"),
-    (dict(learning_rate=0.0), "lr"),
+    (dict(learning_rate=-0.1), "lr"),
     (dict(epochs=0), "epochs"),
     (dict(steps_per_epoch=0), "steps_per_epoch"),
     (dict(nesterov="no"), "nesterov"),
