@@ -105,20 +105,22 @@ def exit_segments(backbone: keras.Model) -> ExitSegments:
     return ExitSegments(stages, heads)
 
 
+_THRESHOLD_PROBLEM = ("threshold: must be a number >= 0 (0 answers at exit 1, above 1 "
+                      "only at the deepest exit)")
+
+
 def check_threshold(threshold: float) -> float:
     """The threshold as a float, or ValueError (``"threshold: ..."``).
 
-    Any value ``>= 0`` is valid: ``0`` answers everything at exit 1, and a
-    value above 1 never answers early.
+    Any finite value ``>= 0`` is valid: ``0`` answers everything at exit 1,
+    and a value above 1 never answers early.
     """
     try:
         value = float(threshold)
     except (TypeError, ValueError):
         value = math.nan
     if not value >= 0 or math.isinf(value):
-        raise ValueError(
-            f"threshold: must be a number >= 0 (0 answers at exit 1, above 1 "
-            f"only at the deepest exit); got {threshold!r}")
+        raise ValueError(f"{_THRESHOLD_PROBLEM}; got {threshold!r}")
     return value
 
 
@@ -135,7 +137,10 @@ class EarlyExitCascade(tf.Module):
     Call arguments:
         images: float32 ``[B, H, W, C]``, normalised as in training (the
             backbone's input).
-        threshold: optional scalar overriding the default for this call.
+        threshold: optional scalar overriding the default for this call;
+            a negative, NaN or infinite value fails the call with
+            `tf.errors.InvalidArgumentError` (a served cascade returns it
+            to the client as an error).
 
     Returns a dict:
         ``logits``: float32 ``[B, classes]``, the logits of the exit that
@@ -166,10 +171,19 @@ class EarlyExitCascade(tf.Module):
 
     def __call__(self, images, threshold=None) -> dict[str, tf.Tensor]:
         threshold = tf.cast(self.threshold if threshold is None else threshold, tf.float32)
-        batch = tf.shape(images)[0]
-        answers = (tf.zeros([batch, self.num_classes], tf.float32),
-                   tf.zeros([batch], tf.int32))
-        logits, exit_ids = self._from_stage(0, images, tf.range(batch), answers, threshold)
+        # A threshold passed per call (e.g. by a serving client) is checked
+        # in the graph, as `check_threshold` checks the default: NaN would
+        # answer everything at the deepest exit, a negative value at exit 1.
+        # Everything runs after the check, so a refused call counts no
+        # examples in `stage_examples`.
+        valid = tf.logical_and(threshold >= 0, tf.math.is_finite(threshold))
+        with tf.control_dependencies([tf.debugging.Assert(
+                valid, [_THRESHOLD_PROBLEM, "got", threshold])]):
+            batch = tf.shape(images)[0]
+            answers = (tf.zeros([batch, self.num_classes], tf.float32),
+                       tf.zeros([batch], tf.int32))
+            logits, exit_ids = self._from_stage(0, images, tf.range(batch), answers,
+                                                threshold)
         return {"logits": logits, "exit_ids": exit_ids}
 
     def _from_stage(self, k, features, rows, answers, threshold):

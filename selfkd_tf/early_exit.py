@@ -10,7 +10,8 @@ This module sweeps ``T`` on a labelled split:
   mean FLOPs per image for each ``T``, next to every single exit served alone;
 - `measure_latency` times the real cascade (and every single exit) on
   example images at batch 1 and 64;
-- `select_threshold` picks the cheapest ``T`` that keeps a target accuracy;
+- `select_threshold` picks the cheapest ``T`` that keeps a target accuracy
+  at less cost than the deepest exit served alone;
 - `plot_curve` draws accuracy against cost; `write_curve` stores JSON + PNG.
 
 Costs are FLOPs per image from the layer shapes (`selfkd_tf.export.ExitCosts`):
@@ -33,6 +34,7 @@ choice["threshold"], choice["flops_vs_deepest"]     # e.g. 0.9, 0.55
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from typing import Sequence
@@ -172,13 +174,15 @@ def required_accuracy(
     exit's accuracy less the drop (exactly one is given).
 
     Raises:
-        ValueError: not exactly one criterion, or one out of range.
+        ValueError: not exactly one criterion, or one out of range (NaN
+            and infinity are).
     """
     if (target_accuracy is None) == (max_accuracy_drop is None):
         raise ValueError("target_accuracy: give it or max_accuracy_drop, not both or neither")
     if max_accuracy_drop is not None:
-        if not max_accuracy_drop >= 0:
-            raise ValueError(f"max_accuracy_drop: must be >= 0; got {max_accuracy_drop}")
+        if not 0 <= max_accuracy_drop < math.inf:
+            raise ValueError(
+                f"max_accuracy_drop: must be a finite number >= 0; got {max_accuracy_drop}")
         return curve["exits"][-1]["accuracy"] - max_accuracy_drop
     if not 0 <= target_accuracy <= 100:
         raise ValueError(
@@ -189,8 +193,10 @@ def required_accuracy(
 def select_threshold(curve: dict, **criterion) -> dict | None:
     """The cheapest threshold of ``curve`` that keeps the wanted accuracy.
 
-    Pick on a validation split, never on the test split whose accuracy you
-    then report.
+    Only a threshold whose mean cost is below the deepest exit's served
+    alone qualifies: otherwise serving the deepest exit is as accurate and
+    cheaper. Pick on a validation split, never on the test split whose
+    accuracy you then report.
 
     Args:
         curve: from `early_exit_curve`.
@@ -202,7 +208,8 @@ def select_threshold(curve: dict, **criterion) -> dict | None:
     Returns:
         The chosen ``cascade`` point (lowest ``mean_flops``, then highest
         accuracy) with ``required_accuracy`` added, or None when no
-        threshold reaches it.
+        threshold cheaper than the deepest exit reaches it (serve the
+        deepest exit).
 
     Raises:
         ValueError: as `required_accuracy`.
@@ -210,7 +217,9 @@ def select_threshold(curve: dict, **criterion) -> dict | None:
     required = required_accuracy(curve, **criterion)
     # Accuracies are computed in float64 from counts: a tolerance far below
     # one example keeps "the deepest exit's accuracy" itself reachable.
-    feasible = [p for p in curve["cascade"] if p["accuracy"] >= required - 1e-9]
+    deepest_flops = curve["exits"][-1]["flops"]
+    feasible = [p for p in curve["cascade"]
+                if p["accuracy"] >= required - 1e-9 and p["mean_flops"] < deepest_flops]
     if not feasible:
         return None
     best = min(feasible, key=lambda p: (p["mean_flops"], -p["accuracy"]))

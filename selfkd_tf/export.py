@@ -27,8 +27,9 @@ Signatures: ``serving_default`` (float32 ``images``), ``serve_uint8``
 (uint8 ``images``) and ``classes`` (no input: every class name, in class-id
 order). A cascade also has ``serve_with_threshold`` and
 ``serve_uint8_with_threshold`` (``images`` and a float32 scalar
-``threshold``) and ``stage_examples`` (no input: how many examples each
-stage has run on since loading). The loaded object has the functions
+``threshold``; one that is negative, NaN or infinite fails the call with
+``InvalidArgumentError``) and ``stage_examples`` (no input: how many
+examples each stage has run on since loading). The loaded object has the functions
 ``serve``, ``serve_uint8`` (a cascade's take an optional ``threshold``),
 ``classes`` and, for a cascade, ``stage_examples``.
 
@@ -53,17 +54,21 @@ import dataclasses
 import logging
 import os
 import shutil
-from typing import Sequence
+import tempfile
+from typing import Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from selfkd_tf.cascade import EarlyExitCascade, check_threshold, exit_segments
+from selfkd_tf.files import check_creatable
 from selfkd_tf.sources.arrays import resize_uint8
 
 ENSEMBLE = "ensemble"
 CASCADE = "cascade"
+SAVED_MODEL_FILE = "saved_model.pb"
+"""The file that marks a directory as a SavedModel, which ``overwrite`` may replace."""
 
 
 def count_parameters(model: keras.Model) -> int:
@@ -255,9 +260,72 @@ def check_export_arguments(
         raise ValueError("threshold: required with exit=cascade, and used only there")
     if threshold is not None:
         check_threshold(threshold)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"out: {path} exists; pass --overwrite to replace it")
+    check_export_path(path, overwrite)
     return exit
+
+
+def _contains(directory: str, path: str) -> bool:
+    return os.path.commonpath([directory, path]) == directory
+
+
+def check_export_path(path: str, overwrite: bool, keep: Mapping[str, str] | None = None) -> None:
+    """Refuses an export path whose writing would destroy anything but an export.
+
+    ``path`` may be new (its missing parents are created) or, with
+    ``overwrite``, an existing SavedModel directory (one holding
+    `SAVED_MODEL_FILE`) or an empty directory, which the export replaces.
+    Anything else is refused, with or without ``overwrite``: a file, a
+    symbolic link, a directory holding other files, a path under a file or
+    in a directory this process cannot write in, and a path that is or
+    contains the current directory or one of ``keep``.
+
+    Args:
+        path: the SavedModel directory to write.
+        overwrite: whether an existing SavedModel (or empty directory) may
+            be replaced.
+        keep: more paths the export must leave alone, each under a
+            description for the message, e.g.
+            ``{"the model's run directory": "runs/a"}``.
+
+    Raises:
+        ValueError: ``"out: <problem>"`` on one line, naming the path.
+
+    Example:
+
+    >>> check_export_path("runs/a/export", overwrite=True,  # doctest: +SKIP
+    ...                   keep={"the model's run directory": "runs/a"})
+    >>> check_export_path("runs/a", overwrite=True,  # doctest: +SKIP
+    ...                   keep={"the model's run directory": "runs/a"})
+    Traceback (most recent call last):
+    ValueError: out: runs/a is the model's run directory (runs/a); export to another directory
+    """
+    try:
+        check_creatable(path)
+    except ValueError as err:
+        raise ValueError(f"out: {err}") from None
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path):
+        raise ValueError(f"out: {path} is a symbolic link; give the directory itself")
+    real = os.path.realpath(path)
+    for description, kept in {"the current directory": os.getcwd(), **(keep or {})}.items():
+        kept_real = os.path.realpath(kept)
+        if _contains(real, kept_real):
+            relation = "is" if real == kept_real else "contains"
+            raise ValueError(f"out: {path} {relation} {description} ({kept}); "
+                             "export to another directory")
+    if not os.path.isdir(path):
+        raise ValueError(f"out: {path} is a file; a SavedModel is a directory")
+    try:
+        entries = os.listdir(path)
+    except OSError as err:
+        raise ValueError(f"out: cannot read {path}: {err.strerror or err}") from None
+    if entries and SAVED_MODEL_FILE not in entries:
+        raise ValueError(
+            f"out: {path} is a directory holding other files than a SavedModel; "
+            "--overwrite replaces only a SavedModel or an empty directory")
+    if not overwrite:
+        raise ValueError(f"out: {path} exists; pass --overwrite to replace it")
 
 
 def _check_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -287,7 +355,8 @@ def export_saved_model(
             and renamed, so it never holds half an export.
         exit: ``"deepest"``, a 1-based exit index, ``"ensemble"`` or
             ``"cascade"``.
-        overwrite: replace an existing ``path``.
+        overwrite: replace an existing SavedModel (or empty directory) at
+            ``path``; nothing else is ever replaced (`check_export_path`).
         threshold: the cascade's default confidence threshold (``>= 0``);
             required with ``exit="cascade"`` and refused otherwise.
         class_names: one name per class, in class-id order; default
@@ -298,7 +367,9 @@ def export_saved_model(
 
     Raises:
         ValueError: invalid ``exit``, ``threshold`` or ``class_names``, or
-            ``path`` exists and not ``overwrite``.
+            a ``path`` `check_export_path` refuses.
+        OSError: the SavedModel cannot be written (e.g. the disk is full);
+            ``path`` and its parents are then as they were.
     """
     exit = check_export_arguments(model, path, exit, overwrite, threshold)  # noqa: A001
     names = _check_class_names(class_names, model.num_classes)
@@ -317,17 +388,51 @@ def export_saved_model(
         flops, exit_flops = count_flops(network), None
     archive.track(network)
     archive.add_endpoint("classes", lambda: tf.constant(names), input_signature=[])
-    temporary = f"{os.path.normpath(path)}.tmp-{os.getpid()}"
-    archive.write_out(temporary, verbose=False)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(temporary, path)
+    _write_replacing(archive, path, overwrite)
     return ExportSummary(
         path=path, exit=exit, params=count_parameters(network), flops=flops,
         training_params=count_parameters(model.backbone),
         training_flops=count_flops(model.backbone),
         threshold=threshold, exit_flops=exit_flops,
     )
+
+
+def _write_replacing(archive: keras.export.ExportArchive, path: str, overwrite: bool) -> None:
+    """Writes ``archive`` to ``path`` so that no failure leaves half an export.
+
+    The SavedModel is written to a temporary directory beside ``path`` and
+    renamed; an export it replaces is moved aside first and deleted only
+    once the new one is in place. On any failure the temporary directories
+    and the parents this call created are removed, and a replaced export
+    is put back.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    created, missing = None, parent  # created: the outermost parent made here
+    while not os.path.lexists(missing):
+        created, missing = missing, os.path.dirname(missing)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    replaced = f"{temporary}-replaced"
+    done = False
+    try:
+        archive.write_out(temporary, verbose=False)
+        os.chmod(temporary, 0o755)  # mkdtemp's directory is owner-only
+        check_export_path(path, overwrite)  # again: the directory may have changed
+        if os.path.lexists(path):
+            os.replace(path, replaced)
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.lexists(replaced):
+                os.replace(replaced, path)
+            raise
+        done = True
+    finally:
+        for leftover in (temporary, replaced):
+            if os.path.lexists(leftover):
+                shutil.rmtree(leftover)
+        if not done and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def _images_spec(network: keras.Model, dtype: tf.DType) -> tf.TensorSpec:

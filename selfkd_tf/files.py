@@ -1,4 +1,5 @@
-"""Atomic file writes, so a kill mid-write never leaves half a file."""
+"""Atomic file writes, so a kill mid-write never leaves half a file, and the
+check that an output path can be written at all, made before any work."""
 
 from __future__ import annotations
 
@@ -36,3 +37,28 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def check_creatable(path: str | os.PathLike) -> None:
+    """Refuses an output path that cannot be created, before any work goes into it.
+
+    The nearest existing ancestor of ``path`` (its parent, or the first
+    ancestor that exists: the parents `write_atomically` would create) must
+    be a directory this process may create entries in. Whether ``path``
+    itself exists, and what it is, is the caller's concern.
+
+    Raises:
+        ValueError: that ancestor is not a directory, or cannot be written
+            in; the message (one line) names it.
+
+    Example:
+
+    >>> check_creatable("/tmp/run/export/saved")
+    """
+    ancestor = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {ancestor}: permission denied")

@@ -211,3 +211,44 @@ def test_threshold_0_and_above_1_equal_the_single_exit_exports_exactly(
 def test_served_cascade_names_its_classes(served):
     _, results = served
     assert [n.decode() for n in results["cascade/classes"]] == list(NAMES)
+
+
+BAD_THRESHOLDS = [-1.0, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("bad", BAD_THRESHOLDS)
+def test_cascade_call_refuses_a_bad_threshold(model, images, bad):
+    """A per-call threshold the constructor would refuse fails the call
+    (eagerly and in a graph) before any stage runs."""
+    cascade = EarlyExitCascade(model.backbone, 0.5)
+    inputs = normalized(images[:4])
+    for call in (cascade, tf.function(cascade)):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"threshold: must be a number >= 0"):
+            call(inputs, threshold=bad)
+    assert cascade.stage_examples.numpy().tolist() == [0, 0, 0]
+
+
+def test_served_cascade_refuses_a_bad_threshold_per_call(served, images):
+    """The client's call fails (as TF Serving reports an error) rather than
+    answering every image at exit 1 (negative) or at the deepest exit (NaN)."""
+    summary, _ = served
+    cascade = tf.saved_model.load(summary.path)
+    floats, uint8 = tf.constant(images[:4], tf.float32), tf.constant(images[:4])
+    calls = {
+        "serve": lambda t: cascade.serve(floats, threshold=t),
+        "serve_uint8": lambda t: cascade.serve_uint8(uint8, threshold=t),
+        "serve_with_threshold": lambda t: cascade.signatures["serve_with_threshold"](
+            images=floats, threshold=tf.constant(t)),
+        "serve_uint8_with_threshold": lambda t: cascade.signatures[
+            "serve_uint8_with_threshold"](images=uint8, threshold=tf.constant(t)),
+    }
+    for name, call in calls.items():
+        before = cascade.stage_examples().numpy()
+        for bad in BAD_THRESHOLDS:
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=r"threshold: must be a number >= 0"):
+                call(bad)
+        assert (cascade.stage_examples().numpy() == before).all(), name
+        # Any threshold >= 0 still answers, including above 1.
+        assert set(call(1.5)["exit_ids"].numpy().tolist()) == {3}, name

@@ -1,6 +1,9 @@
 """The early-exit curve: accuracy against cost per threshold, and picking a threshold."""
 
 import json
+import math
+import os
+import shutil
 
 import keras
 import numpy as np
@@ -72,7 +75,9 @@ def test_curve_is_monotone_and_ends_at_the_single_exits():
 
 
 def _curve(*points):
-    return {"exits": [{"exit": 1, "accuracy": 60.0}, {"exit": 2, "accuracy": 80.0}],
+    """Two exits, the deepest costing 200 FLOPs alone; points (T, accuracy, mean FLOPs)."""
+    return {"exits": [{"exit": 1, "accuracy": 60.0, "flops": 90},
+                      {"exit": 2, "accuracy": 80.0, "flops": 200}],
             "cascade": [{"threshold": t, "accuracy": a, "mean_flops": f}
                         for t, a, f in points]}
 
@@ -88,8 +93,31 @@ def test_select_threshold_takes_the_cheapest_that_keeps_the_accuracy():
     assert select_threshold(curve, target_accuracy=90) is None
     with pytest.raises(ValueError, match="^target_accuracy: give it or max_accuracy_drop"):
         select_threshold(curve, target_accuracy=50, max_accuracy_drop=1)
-    with pytest.raises(ValueError, match="^max_accuracy_drop: must be >= 0"):
+    with pytest.raises(ValueError, match="^max_accuracy_drop: must be a finite number >= 0"):
         select_threshold(curve, max_accuracy_drop=-1)
+
+
+def test_select_threshold_never_picks_a_cascade_dearer_than_the_deepest_exit():
+    """The cascade asks exit 1's head before exit 2 answers, so a threshold
+    that sends (nearly) everything to exit 2 costs more than exit 2 alone:
+    it keeps the accuracy and saves nothing."""
+    curve = _curve((0.0, 60.0, 100), (0.1, 70.0, 150), (0.15, 80.0, 203.8),
+                   (0.5, 80.0, 210), (1.01, 80.0, 210))
+    assert select_threshold(curve, max_accuracy_drop=0.5) is None
+    assert select_threshold(curve, target_accuracy=75) is None
+    assert select_threshold(curve, max_accuracy_drop=10)["threshold"] == 0.1
+    # Costing exactly as much as the deepest exit saves nothing either.
+    at_par = _curve((0.0, 60.0, 100), (0.3, 80.0, 200))
+    assert select_threshold(at_par, max_accuracy_drop=0) is None
+
+
+@pytest.mark.parametrize("criterion", [
+    dict(max_accuracy_drop=math.inf), dict(max_accuracy_drop=math.nan),
+    dict(target_accuracy=math.nan), dict(target_accuracy=math.inf)])
+def test_select_threshold_refuses_criteria_that_are_not_finite(criterion):
+    curve = _curve((0.0, 60.0, 100), (0.5, 80.0, 150))
+    with pytest.raises(ValueError, match=f"^{next(iter(criterion))}: must be"):
+        select_threshold(curve, **criterion)
 
 
 def test_measure_latency_times_every_exit_and_threshold():
@@ -148,14 +176,73 @@ def test_eval_command_picks_a_threshold_on_validation_only(run_dir, tmp_path):
         "only, never on test")
     assert list(tmp_path.iterdir()) == []
 
-    result = run_cli("selfkd_tf.cli.evaluate", f"--model={run_dir}", "--early_exit",
-                     "--max_accuracy_drop=0", "--latency_examples=0", f"--out={tmp_path}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    curve = json.loads((tmp_path / "early_exit.json").read_text())
-    assert (curve["split"], curve["num_examples"]) == ("validation", 24)
-    chosen = curve["selected"]
-    deepest = curve["exits"][-1]
-    assert chosen["accuracy"] >= deepest["accuracy"] - 1e-9
-    assert chosen["mean_flops"] == min(p["mean_flops"] for p in curve["cascade"]
-                                       if p["accuracy"] >= deepest["accuracy"] - 1e-9)
-    assert last_line(result.stdout).startswith(f"Threshold {chosen['threshold']:g}: accuracy")
+    # A drop of 100 points admits T = 0 (exit 1 alone costs less than the
+    # deepest exit); a drop of 0 may admit no threshold that saves anything.
+    for drop in (100, 0):
+        result = run_cli("selfkd_tf.cli.evaluate", f"--model={run_dir}", "--early_exit",
+                         f"--max_accuracy_drop={drop}", "--latency_examples=0",
+                         f"--out={tmp_path}")
+        curve = json.loads((tmp_path / "early_exit.json").read_text())
+        assert (curve["split"], curve["num_examples"]) == ("validation", 24)
+        deepest = curve["exits"][-1]
+        qualifying = [p for p in curve["cascade"]
+                      if p["accuracy"] >= deepest["accuracy"] - drop - 1e-9
+                      and p["mean_flops"] < deepest["flops"]]
+        if drop == 100:
+            assert curve["cascade"][0] in qualifying
+        if not qualifying:
+            assert (result.returncode, curve["selected"]) == (1, None), result.stderr[-3000:]
+            assert last_line(result.stdout).startswith("No threshold keeps accuracy")
+            assert last_line(result.stdout).endswith("; serve the deepest exit")
+            continue
+        assert result.returncode == 0, result.stderr[-3000:]
+        chosen = curve["selected"]
+        assert chosen["mean_flops"] == min(p["mean_flops"] for p in qualifying)
+        assert chosen["flops_vs_deepest"] < 1
+        assert last_line(result.stdout).startswith(
+            f"Threshold {chosen['threshold']:g}: accuracy")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--early_exit", "--target_accuracy=nan"],
+     "flag --target_accuracy=nan: must be a finite number"),
+    (["--early_exit", "--max_accuracy_drop=nan"],
+     "flag --max_accuracy_drop=nan: must be a finite number"),
+    (["--early_exit", "--max_accuracy_drop=inf"],
+     "flag --max_accuracy_drop=inf: must be a finite number"),
+    (["--early_exit", "--thresholds="], "--thresholds: give at least one"),
+    (["--early_exit", "--out={root}/afile/sub/ee.json"], "--out: {root}/afile is not a directory"),
+    (["--early_exit", "--out={root}/afile/sub"], "--out: {root}/afile is not a directory"),
+    (["--early_exit", "--out={root}/ee.json"],
+     "--out: {root}/ee.json is a directory; give a .json file, or a directory to "
+     "write early_exit.json in"),
+    (["--out={root}/afile/metrics.json"], "--out: {root}/afile is not a directory"),
+])
+def test_eval_command_refuses_bad_flags_before_loading_the_model(tmp_path, args, message):
+    """The model does not exist: each flag is refused before it is looked for."""
+    (tmp_path / "afile").write_text("a file\n")
+    (tmp_path / "ee.json").mkdir()
+    result = run_cli("selfkd_tf.cli.evaluate", f"--model={tmp_path / 'absent'}",
+                     *(arg.format(root=tmp_path) for arg in args))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert last_line(result.stderr) == f"selfkd-eval: error: {message.format(root=tmp_path)}"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ee.json"]
+    assert os.listdir(tmp_path / "ee.json") == []
+
+
+def test_eval_command_says_a_threshold_needs_a_validation_split(run_dir, tmp_path):
+    """A run that held out no validation data: the criterion, not --split
+    (which was not given), is what cannot be met."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    settings = json.loads((run / "flags.json").read_text())
+    (run / "flags.json").write_text(json.dumps({**settings, "validation_fraction": 0.0}))
+    files = sorted(os.listdir(run))
+    result = run_cli("selfkd_tf.cli.evaluate", f"--model={run}", "--early_exit",
+                     "--target_accuracy=80")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert last_line(result.stderr) == (
+        "selfkd-eval: error: --target_accuracy: chooses the threshold on a validation "
+        f"split, which needs a run trained with --validation_fraction; {run} held out none")
+    assert sorted(os.listdir(run)) == files

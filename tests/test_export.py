@@ -1,6 +1,9 @@
 """selfkd-export: one exit as a SavedModel that takes raw pixels, without the rest."""
 
+import errno
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -196,6 +199,7 @@ def test_cascade_export_command_names_the_runs_classes(model, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--exit=cascade"], "--threshold: required with exit=cascade"),
     (["--class_names=a,b"], "--class_names: got 2 names for a model of 5 classes"),
+    (["--exit=cascade", "--threshold=nan"], "--threshold: must be a number >= 0"),
 ])
 def test_export_command_refuses_bad_flags_in_one_line(model, tmp_path, args, message):
     model.save(tmp_path / "model.keras")
@@ -204,3 +208,115 @@ def test_export_command_refuses_bad_flags_in_one_line(model, tmp_path, args, mes
     assert result.returncode == 2
     assert last_line(result.stderr).startswith(f"selfkd-export: error: {message}")
     assert not (tmp_path / "served").exists()
+
+
+def _listing(root):
+    """Every path under ``root`` with its file's bytes: what a refused export must not change."""
+    return {os.path.relpath(os.path.join(d, name), root): open(os.path.join(d, name), "rb").read()
+            for d, _, files in os.walk(root) for name in files}
+
+
+def test_overwrite_replaces_only_an_export_or_an_empty_directory(model, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    (run / "history.csv").write_text("epoch,loss\n0,1.5\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine\n")
+    (tmp_path / "afile").write_text("a file\n")
+    before = _listing(tmp_path)
+    keep = {"the model's run directory": str(run)}
+    refused = [
+        (run, keep, f"out: {run} is the model's run directory ({run}); export to another"),
+        (tmp_path, keep, f"out: {tmp_path} contains the model's run directory"),
+        (run, None, f"out: {run} is a directory holding other files than a SavedModel"),
+        (work, None, f"out: {work} is a directory holding other files than a SavedModel"),
+        (tmp_path / "afile", None, f"out: {tmp_path / 'afile'} is a file"),
+        (tmp_path / "afile" / "sub", None, f"out: {tmp_path / 'afile'} is not a directory"),
+    ]
+    for path, kept, message in refused:
+        for overwrite in (True, False):
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+                export.check_export_path(str(path), overwrite, keep=kept)
+        if kept is None:
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+                export.export_saved_model(model, str(path), overwrite=True)
+    # The current directory, even empty, and the directories holding it.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for path, relation in ((".", "is"), (str(empty), "is"), ("..", "contains")):
+        with pytest.raises(ValueError,
+                           match=f"^{re.escape(f'out: {path} {relation} the current directory')}"):
+            export.export_saved_model(model, path, overwrite=True)
+    assert _listing(tmp_path) == before and os.listdir(empty) == []
+    monkeypatch.chdir(tmp_path)
+
+    # An earlier export, an empty directory: replaced. A link to one: refused.
+    served = tmp_path / "served"
+    export.export_saved_model(model, str(served), exit=1)
+    os.symlink(served, tmp_path / "link")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        export.export_saved_model(model, str(tmp_path / "link"), overwrite=True)
+    images = np.zeros((1, 16, 16, 3), np.uint8)
+    _, logits = _expected(model, images, 2)
+    for path in (served, empty):
+        export.export_saved_model(model, str(path), exit=2, overwrite=True)
+        loaded = tf.saved_model.load(str(path))  # kept alive while its function runs
+        np.testing.assert_allclose(loaded.serve_uint8(images)["logits"], logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "empty", "link", "run", "served", "work"]
+
+
+def test_failed_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
+    """A write that fails after the SavedModel is on disk (here: the disk
+    fills up) removes the temporary export and the parents it created, and
+    keeps the export it was to replace."""
+    save = tf.saved_model.save
+
+    def save_then_fail(obj, export_dir, *args, **kwargs):
+        save(obj, export_dir, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", export_dir)
+
+    served = tmp_path / "served"
+    export.export_saved_model(model, str(served), exit=1)
+    before = _listing(tmp_path)
+    monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
+    for path, overwrite in ((served, True), (tmp_path / "new" / "deeper" / "served", False)):
+        with pytest.raises(OSError, match="No space left on device"):
+            export.export_saved_model(model, str(path), overwrite=overwrite)
+        assert _listing(tmp_path) == before
+        assert sorted(os.listdir(tmp_path)) == ["served"]
+
+
+def test_export_command_never_replaces_the_run_or_other_files(model, tmp_path):
+    """--overwrite onto the run directory, a directory of other files, a
+    file or a path under a file: one line, exit 2, nothing touched."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    afile = tmp_path / "afile"
+    afile.write_text("a file\n")
+    before = _listing(tmp_path)
+    for out, message in [
+        (run, f"--out: {run} is the model's run directory ({run}); export to another directory"),
+        (run / "model.keras", f"--out: {run / 'model.keras'} is a file; a SavedModel is a directory"),
+        (other, f"--out: {other} is a directory holding other files than a SavedModel; "
+                "--overwrite replaces only a SavedModel or an empty directory"),
+        (afile, f"--out: {afile} is a file; a SavedModel is a directory"),
+        (afile / "sub", f"--out: {afile} is not a directory"),
+    ]:
+        result = run_cli("selfkd_tf.cli.export", f"--model={run}", f"--out={out}", "--overwrite")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        assert last_line(result.stderr) == f"selfkd-export: error: {message}"
+        assert _listing(tmp_path) == before
+        assert sorted(os.listdir(tmp_path)) == ["afile", "other", "run"]
+    # Checked before the model is looked for.
+    result = run_cli("selfkd_tf.cli.export", f"--model={tmp_path / 'absent'}",
+                     f"--out={afile / 'sub'}")
+    assert last_line(result.stderr) == f"selfkd-export: error: --out: {afile} is not a directory"

@@ -72,6 +72,11 @@ def main() -> None:
 
     chosen = early_exit.select_threshold(curve_of(selection, SELECTION_THRESHOLDS),
                                          max_accuracy_drop=args.max_accuracy_drop)
+    if chosen is None:
+        raise SystemExit(
+            f"early_exit_study: no threshold keeps the selection half within "
+            f"{args.max_accuracy_drop} points of the deepest exit at less cost; "
+            "serve the deepest exit")
     reported = curve_of(report, [chosen["threshold"]])
 
     # Raw pixels of the report half, as a client would send them.

@@ -14,13 +14,15 @@ a ``.keras`` file; the data settings default to the run's ``flags.json`` (a
 lone ``.keras`` file needs ``--dataset``).
 
 ``--early_exit`` instead sweeps the early-exit cascade's threshold (see
-`selfkd_tf.early_exit`) and writes ``early_exit.json`` and ``early_exit.png``;
-with ``--target_accuracy`` or ``--max_accuracy_drop`` it also picks the
-cheapest threshold on the validation split and prints its cost saving.
+`selfkd_tf.early_exit`) and writes ``early_exit_<split>.json`` and
+``early_exit_<split>.png`` beside the model (``--out`` names others); with
+``--target_accuracy`` or ``--max_accuracy_drop`` it also picks the cheapest
+threshold on the validation split and prints its cost saving.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
@@ -30,7 +32,9 @@ from absl import flags  # noqa: E402
 from selfkd_tf import early_exit  # noqa: E402
 from selfkd_tf import metrics as metrics_lib  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
-from selfkd_tf.evaluation import evaluate_trained, format_metrics_table, load_trained_model  # noqa: E402
+from selfkd_tf.files import check_creatable  # noqa: E402
+from selfkd_tf.evaluation import (  # noqa: E402
+    TrainedModel, evaluate_trained, format_metrics_table, load_trained_model)
 from selfkd_tf.settings import SettingsError  # noqa: E402
 
 PROGRAM = "selfkd-eval"
@@ -53,10 +57,11 @@ flags.DEFINE_string(
     "metrics.json; default: metrics_<split>.json beside the model.")
 flags.DEFINE_bool(
     "early_exit", False, "Instead of metrics.json, sweep the early-exit "
-    "cascade's confidence threshold and write early_exit.json and "
-    "early_exit.png: accuracy against mean FLOPs and latency per image, with "
-    "every exit served alone for reference (--out as for metrics.json; "
-    "default: early_exit_<split>.json/.png beside the model).")
+    "cascade's confidence threshold and write early_exit_<split>.json and "
+    ".png beside the model: accuracy against mean FLOPs and latency per "
+    "image, with every exit served alone for reference (--out: a .json file, "
+    "with the .png beside it, or a directory that receives early_exit.json "
+    "and early_exit.png).")
 flags.DEFINE_list(
     "thresholds", None, "With --early_exit: the thresholds to sweep, "
     "comma-separated, each >= 0; default: 0 to 0.9 by 0.05, then 0.925, "
@@ -67,25 +72,75 @@ flags.DEFINE_integer(
     "(0: FLOPs only).", lower_bound=0)
 flags.DEFINE_float(
     "target_accuracy", None, "With --early_exit: pick the cheapest threshold "
-    "whose accuracy (%) is at least this, on --split=validation (never the "
-    "test split). Exit status 1 when no threshold reaches it.",
+    "whose accuracy (%) is at least this at less cost than the deepest exit "
+    "served alone, on --split=validation (never the test split); needs a run "
+    "trained with --validation_fraction. Exit status 1 when no threshold "
+    "does (serve the deepest exit).",
     lower_bound=0, upper_bound=100)
 flags.DEFINE_float(
     "max_accuracy_drop", None, "With --early_exit: as --target_accuracy, with "
     "the target this many points below the deepest exit's accuracy.",
     lower_bound=0)
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+# absl's bounds let NaN and infinity through.
+flags.register_validator("target_accuracy", _finite, message="must be a finite number")
+flags.register_validator("max_accuracy_drop", _finite, message="must be a finite number")
 flags.mark_flag_as_required("model")
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_flags)  # --helpshort lists it
 
 
-def _output_path(model_path: str, split: str, stem: str = "metrics") -> str:
+def _model_directory() -> str:
+    """Where the default outputs go: the run directory, or the ``.keras`` file's."""
+    if os.path.isdir(FLAGS.model):
+        return os.path.abspath(FLAGS.model)
+    return os.path.dirname(os.path.abspath(FLAGS.model))
+
+
+def _output_path(split: str | None, stem: str = "metrics") -> str:
     if FLAGS.out is None:
-        return os.path.join(os.path.dirname(os.path.abspath(model_path)),
-                            f"{stem}_{split}.json")
+        return os.path.join(_model_directory(), f"{stem}_{split}.json")
     if FLAGS.out.endswith(".json"):
         return FLAGS.out
     return os.path.join(FLAGS.out, f"{stem}.json")
+
+
+def _check_outputs(split: str | None, stem: str) -> None:
+    """Exits (status 2) unless the outputs can be written; before any work.
+
+    The files are known with ``--out``, and beside the model once the split
+    is; otherwise only the model's directory is checked.
+    """
+    where = "" if FLAGS.out else " (the default, beside the model); choose another with --out"
+    files = []
+    if FLAGS.out is not None or split is not None:
+        files.append(_output_path(split, stem))
+        if stem == "early_exit":
+            files.append(os.path.splitext(files[0])[0] + ".png")
+    for path in files:
+        if os.path.isdir(path):
+            advice = where or f"; give a .json file, or a directory to write {stem}.json in"
+            common.fail(PROGRAM, f"--out: {path} is a directory{advice}")
+    try:
+        for path in files or [os.path.join(_model_directory(), f"{stem}.json")]:
+            check_creatable(path)
+    except ValueError as err:
+        common.fail(PROGRAM, f"--out: {err}{where}")
+
+
+def _write(out: str, write, *args) -> None:
+    """``write(*args)``, which writes ``out``; a failure (e.g. a full disk) is
+    one line and exit status 1."""
+    try:
+        write(*args)
+    except OSError as err:
+        common.fail(PROGRAM, f"cannot write {err.filename or out}: "
+                    f"{err.strerror or err}", status=1)
 
 
 def _criterion() -> dict[str, float]:
@@ -111,15 +166,28 @@ def _early_exit_settings() -> tuple[str | None, list[float]]:
         split = "validation"
     try:
         thresholds = early_exit.check_thresholds(
-            FLAGS.thresholds or early_exit.DEFAULT_THRESHOLDS)
+            early_exit.DEFAULT_THRESHOLDS if FLAGS.thresholds is None else FLAGS.thresholds)
     except ValueError as err:
         common.fail(PROGRAM, f"--thresholds: {str(err).partition(': ')[2] or err}")
     return split, thresholds
 
 
+def _check_validation_split(trained: TrainedModel) -> None:
+    """Exits (status 2) when a threshold is to be picked but the run held out
+    no validation split to pick it on."""
+    if trained.settings is None or not trained.settings.validation_fraction:
+        flag = next(iter(_criterion()))
+        common.fail(PROGRAM, f"--{flag}: chooses the threshold on a validation split, "
+                    f"which needs a run trained with --validation_fraction; "
+                    f"{FLAGS.model} held out none")
+
+
 def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
+    _check_outputs(split, "early_exit")
     try:
         trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+        if _criterion():
+            _check_validation_split(trained)
         curve = early_exit.evaluate_cascade(
             trained, thresholds=thresholds, latency_examples=FLAGS.latency_examples,
             dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=split,
@@ -127,9 +195,9 @@ def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     selected = early_exit.select_threshold(curve, **_criterion()) if _criterion() else None
-    out = _output_path(trained.path, curve["split"], "early_exit")
+    out = _output_path(curve["split"], "early_exit")
     png = os.path.splitext(out)[0] + ".png"
-    early_exit.write_curve(curve, out, png, selected)
+    _write(out, early_exit.write_curve, curve, out, png, selected)
     print(f"{FLAGS.model} on {curve['dataset']} ({curve['split']} split, "
           f"{curve['num_examples']} examples), early exit:")
     print(early_exit.format_curve_table(curve))
@@ -140,7 +208,8 @@ def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     if selected is None:
         required = early_exit.required_accuracy(curve, **_criterion())
         print(f"No threshold keeps accuracy >= {required:.2f}% on the {curve['split']} "
-              f"split (deepest exit: {deepest:.2f}%)")
+              f"split at less cost than the deepest exit (deepest exit: "
+              f"{deepest:.2f}%); serve the deepest exit")
         return 1
     print(f"Threshold {selected['threshold']:g}: accuracy {selected['accuracy']:.2f}% "
           f"(required {selected['required_accuracy']:.2f}%, deepest exit "
@@ -155,6 +224,7 @@ def main(argv: list[str]) -> int:
     split, thresholds = _early_exit_settings()
     if FLAGS.early_exit:
         return _run_early_exit(split, thresholds)
+    _check_outputs(FLAGS.split, "metrics")
     try:
         trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
         record = evaluate_trained(
@@ -163,8 +233,8 @@ def main(argv: list[str]) -> int:
             eval_examples=FLAGS.eval_examples)
     except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
-    out = _output_path(trained.path, record["split"])
-    metrics_lib.write_metrics_json(record, out)
+    out = _output_path(record["split"])
+    _write(out, metrics_lib.write_metrics_json, record, out)
     print(f"{FLAGS.model} on {record['dataset']} ({record['split']} split, "
           f"{record['num_examples']} examples):")
     print(format_metrics_table(record))

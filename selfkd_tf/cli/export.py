@@ -19,12 +19,16 @@ export's parameters and FLOPs next to the training model's.
 
 from __future__ import annotations
 
+import os
+
 from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 
 from absl import flags  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from selfkd_tf import data  # noqa: E402
 from selfkd_tf import export as export_lib  # noqa: E402
+from selfkd_tf.cascade import check_threshold  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
 from selfkd_tf.evaluation import TrainedModel, load_trained_model  # noqa: E402
 from selfkd_tf.settings import SettingsError  # noqa: E402
@@ -47,7 +51,9 @@ flags.DEFINE_list(
     "class_names", None, "The class names, comma-separated in class-id order; "
     "default: those of the run's dataset ('0', '1', ... for a .keras file "
     "outside a run directory).")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing --out that is a SavedModel (or "
+    "an empty directory); any other file or directory is never replaced.")
 flags.mark_flags_as_required(["model", "out"])
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_flags)  # --helpshort lists it
@@ -72,9 +78,22 @@ def _flag_error(error: ValueError) -> SettingsError:
     return SettingsError(flag, problem)
 
 
+def _check_flags_before_loading() -> None:
+    """``--threshold`` and ``--out``, which need no model; raises SettingsError."""
+    kind = "run directory" if os.path.isdir(FLAGS.model) else "file"
+    try:
+        if FLAGS.threshold is not None:
+            check_threshold(FLAGS.threshold)
+        export_lib.check_export_path(FLAGS.out, FLAGS.overwrite,
+                                     keep={f"the model's {kind}": FLAGS.model})
+    except ValueError as err:
+        raise _flag_error(err) from err
+
+
 def main(argv: list[str]) -> int:
     del argv
     try:
+        _check_flags_before_loading()
         trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
         model = trained.model
         try:
@@ -91,6 +110,11 @@ def main(argv: list[str]) -> int:
                 threshold=FLAGS.threshold, class_names=class_names)
         except ValueError as err:
             raise _flag_error(err) from err
+        # E.g. a full disk; the export leaves nothing behind.
+        except OSError as err:
+            common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.strerror or err}", status=1)
+        except tf.errors.OpError as err:
+            common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.message}", status=1)
     except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     if summary.threshold is None:
