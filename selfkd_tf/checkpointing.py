@@ -57,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from selfkd_tf import optimizers
+from selfkd_tf.files import is_within
 
 _POSITION_KEYS = {
     "epoch": "progress/epoch/.ATTRIBUTES/VARIABLE_VALUE",
@@ -104,11 +105,6 @@ class _Progress(tf.Module):
         self.train_time_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
 
-def _inside(path: str, directory: str) -> bool:
-    directory = os.path.realpath(directory)
-    return os.path.commonpath([os.path.realpath(path), directory]) == directory
-
-
 def latest_checkpoint(directory: str) -> str | None:
     """The path prefix of the latest checkpoint in ``directory``, if any.
 
@@ -135,7 +131,8 @@ def latest_checkpoint(directory: str) -> str | None:
         raise CheckpointError(f"unreadable checkpoint state {state_file}: {problem}")
     paths = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
     for path in paths:
-        if not _inside(os.path.join(directory, path), directory):
+        if not is_within(os.path.realpath(os.path.join(directory, path)),
+                         os.path.realpath(directory)):
             raise CheckpointError(
                 f"the checkpoint state in {directory} names {path!r}, which is "
                 "outside the directory")

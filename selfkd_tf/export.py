@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from selfkd_tf.cascade import EarlyExitCascade, check_threshold, exit_segments
-from selfkd_tf.files import check_creatable
+from selfkd_tf.files import check_creatable, is_within
 from selfkd_tf.sources.arrays import resize_uint8
 
 ENSEMBLE = "ensemble"
@@ -264,10 +264,6 @@ def check_export_arguments(
     return exit
 
 
-def _contains(directory: str, path: str) -> bool:
-    return os.path.commonpath([directory, path]) == directory
-
-
 def check_export_path(path: str, overwrite: bool, keep: Mapping[str, str] | None = None) -> None:
     """Refuses an export path whose writing would destroy anything but an export.
 
@@ -310,7 +306,7 @@ def check_export_path(path: str, overwrite: bool, keep: Mapping[str, str] | None
     real = os.path.realpath(path)
     for description, kept in {"the current directory": os.getcwd(), **(keep or {})}.items():
         kept_real = os.path.realpath(kept)
-        if _contains(real, kept_real):
+        if is_within(kept_real, real):
             relation = "is" if real == kept_real else "contains"
             raise ValueError(f"out: {path} {relation} {description} ({kept}); "
                              "export to another directory")

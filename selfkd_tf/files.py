@@ -1,5 +1,6 @@
-"""Atomic file writes, so a kill mid-write never leaves half a file, and the
-check that an output path can be written at all, made before any work."""
+"""Atomic file writes, so a kill mid-write never leaves half a file; the
+check that an output path can be written at all, made before any work; and
+whether one path lies within another."""
 
 from __future__ import annotations
 
@@ -62,3 +63,15 @@ def check_creatable(path: str | os.PathLike) -> None:
         raise ValueError(f"{ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write in {ancestor}: permission denied")
+
+
+def is_within(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it.
+
+    The paths are compared as given (both absolute, or both relative):
+    pass `os.path.realpath` of each to see through symbolic links.
+
+    >>> is_within("/runs/a/checkpoints/ckpt-1", "/runs/a"), is_within("/runs/ab", "/runs/a")
+    (True, False)
+    """
+    return os.path.commonpath([path, directory]) == directory

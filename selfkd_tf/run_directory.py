@@ -43,6 +43,8 @@ import types
 import typing
 from typing import Sequence
 
+from selfkd_tf.files import is_within
+
 JSON_LIMIT_BYTES = 4 * 2**20
 """Largest JSON file read; the ones training writes are a few kilobytes."""
 HISTORY_LIMIT_BYTES = 64 * 2**20
@@ -75,10 +77,6 @@ class RunDirectoryError(ValueError):
     """A file of a run directory cannot be used; ``str(error)`` is one line."""
 
 
-def _inside(path: str, directory: str) -> bool:
-    return os.path.commonpath([path, directory]) == directory
-
-
 def check_contained(run_dir: str, names: Sequence[str], appended: Sequence[str] = ()) -> None:
     """Refuses run files through which training would write outside ``run_dir``.
 
@@ -102,7 +100,7 @@ def check_contained(run_dir: str, names: Sequence[str], appended: Sequence[str] 
             for directory, subdirectories, files in os.walk(top):
                 paths += [os.path.join(directory, entry) for entry in subdirectories + files]
         for path in paths:
-            if os.path.islink(path) and not _inside(os.path.realpath(path), root):
+            if os.path.islink(path) and not is_within(os.path.realpath(path), root):
                 raise RunDirectoryError(
                     f"{path} is a symbolic link to {os.path.realpath(path)}, outside "
                     f"{run_dir}; training never writes outside its run directory")
