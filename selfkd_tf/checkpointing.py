@@ -171,7 +171,7 @@ def _first_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def uninterrupted():
-    """Defers Ctrl-C (SIGINT) until the block ends, then raises it.
+    """Defers Ctrl-C (SIGINT) and SIGTERM until the block ends, then delivers it.
 
     Wraps writes that must not stop half-way. Outside the main thread, where
     Python delivers no signals, it does nothing.
@@ -185,17 +185,20 @@ def uninterrupted():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    previous = {signum: signal.signal(signum, lambda *args: received.append(args))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not received:
         return
-    if callable(previous):
-        previous(*received[0])  # Python's handler raises KeyboardInterrupt
-    elif previous == signal.SIG_DFL:
-        os.kill(os.getpid(), signal.SIGINT)
+    signum = received[0][0]
+    if callable(previous[signum]):
+        previous[signum](*received[0])  # Python's SIGINT handler raises KeyboardInterrupt
+    elif previous[signum] == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
 
 
 class TrainingCheckpoint:

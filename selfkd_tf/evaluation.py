@@ -17,6 +17,7 @@ print(format_metrics_table(record))
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import typing
@@ -27,10 +28,12 @@ import tensorflow as tf
 
 from selfkd_tf import data as data_lib
 from selfkd_tf import metrics as metrics_lib
+from selfkd_tf import run_lock
 from selfkd_tf.builders import build_datasets
 from selfkd_tf.export import count_parameters
 from selfkd_tf.run_directory import FLAGS_FILE, MODEL_FILE
-from selfkd_tf.settings import SettingsError, TrainSettings, check_choice, read_settings
+from selfkd_tf.settings import (
+    SettingsError, TrainSettings, as_settings_error, check_choice, read_settings)
 from selfkd_tf.training import SelfKDModel
 
 
@@ -115,6 +118,42 @@ class TrainedModel:
     run_dir: str | None
 
 
+def run_directory_of(path: str) -> str | None:
+    """The run directory of a model path: the directory itself, or the
+    directory of a ``.keras`` file with a ``flags.json`` beside it; else None."""
+    if os.path.isdir(path):
+        return path
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path) and os.path.isfile(os.path.join(directory, FLAGS_FILE)):
+        return directory
+    return None
+
+
+@contextlib.contextmanager
+def reading_run(path: str) -> typing.Iterator[None]:
+    """Holds a reader's lock (`selfkd_tf.run_lock`) on ``path``'s run directory.
+
+    Models are read, and results written beside them, only while no process
+    trains the run: ``model.keras`` is replaced when a run is trained again.
+    Other readers may hold it too.
+
+    Raises:
+        SettingsError (no flag): a process is training the run (the message
+            names it), or the lock cannot be taken.
+
+    Example:
+
+    >>> with reading_run("runs/a"):  # doctest: +SKIP
+    ...     record = evaluate_trained(load_trained_model("runs/a"))
+    """
+    run_dir = run_directory_of(path)
+    with contextlib.ExitStack() as held:
+        if run_dir is not None:
+            with as_settings_error():
+                held.enter_context(run_lock.locked(run_dir, shared=True))
+        yield
+
+
 UNSAFE_FLAG = "unsafe_deserialization"
 """The command-line flag that loads models with Keras safe mode off."""
 
@@ -141,16 +180,14 @@ def load_trained_model(path: str, safe_mode: bool = True) -> TrainedModel:
     >>> trained.settings.arch, trained.model.num_exits  # doctest: +SKIP
     ('resnet18', 4)
     """
+    run_dir = run_directory_of(path)
     if os.path.isdir(path):
-        run_dir, model_path = path, os.path.join(path, MODEL_FILE)
+        model_path = os.path.join(path, MODEL_FILE)
         if not os.path.isfile(model_path):
             raise SettingsError(
                 "model", f"{path} has no {MODEL_FILE} (has its training finished?)")
     elif os.path.isfile(path):
         model_path = path
-        run_dir = os.path.dirname(os.path.abspath(path))
-        if not os.path.isfile(os.path.join(run_dir, FLAGS_FILE)):
-            run_dir = None
     else:
         raise SettingsError("model", f"no such file or directory: {path}")
     try:
@@ -194,7 +231,7 @@ def _eval_settings(trained: TrainedModel, dataset, data_dir, split, batch_size,
     if split == "validation" and not settings.validation_fraction:
         raise SettingsError(
             "split", "got 'validation', but the run held out none "
-            "(validation_fraction 0); allowed: test")
+            "(validation_fraction 0); allowed: test, train")
     # The training split is the one the run trained on, so the run's
     # validation carve-out (if any) is kept for it.
     keep_validation = split in ("validation", "train")

@@ -40,13 +40,16 @@ record["exits"][-1]["top1_err"]  # the deepest exit's test error, in percent
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+import typing
 
 import keras
 
@@ -57,6 +60,7 @@ from selfkd_tf import data as data_lib
 from selfkd_tf import distribute as distribute_lib
 from selfkd_tf import metrics as metrics_lib
 from selfkd_tf import run_directory
+from selfkd_tf import run_lock
 from selfkd_tf.builders import build_datasets, build_model, compile_model, seed_everything
 from selfkd_tf.evaluation import evaluate_model
 from selfkd_tf.files import write_atomically
@@ -126,10 +130,15 @@ def _resume_error(run_dir: str, err: checkpointing.CheckpointError) -> SettingsE
         "--overwrite to start it afresh")
 
 
-def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:
-    """Raises `SettingsError` when ``settings`` would change the run's result."""
+def _check_resumable(previous: TrainSettings, settings: TrainSettings,
+                     fields: typing.Iterable[str] | None = None) -> None:
+    """Raises `SettingsError` when ``settings`` would change the run's result.
+
+    Only ``fields`` are compared, when given.
+    """
     old, new = previous.to_json(), settings.to_json()
-    changed = [k for k in new if k not in RESUME_SAFE_FIELDS and old[k] != new[k]]
+    changed = [k for k in (new if fields is None else fields)
+               if k not in RESUME_SAFE_FIELDS and old[k] != new[k]]
     if changed:
         differences = ", ".join(f"--{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         raise SettingsError(
@@ -139,13 +148,51 @@ def _check_resumable(previous: TrainSettings, settings: TrainSettings) -> None:
             "or pass --overwrite to start it afresh")
 
 
+_SUBSET_SIZES = ("train_examples", "eval_examples")
+"""Settings that ask for at most so many examples of a split."""
+
+
+def _maybe_capped(previous: TrainSettings, settings: TrainSettings) -> tuple[str, ...]:
+    """The subset sizes asked for above the numbers the run recorded.
+
+    ``flags.json`` records the number of examples used, so a request that
+    its split could not fill (``--train_examples=1000`` of 400) is recorded
+    as the split's size; asked again, it is the same run if the split still
+    holds just that many, which only the data can tell.
+    """
+    return tuple(
+        name for name in _SUBSET_SIZES
+        if None not in (getattr(previous, name), getattr(settings, name))
+        and getattr(settings, name) > getattr(previous, name))
+
+
+def _sizes_used(settings: TrainSettings, info: data_lib.DatasetInfo) -> TrainSettings:
+    """``settings`` with each subset size the number of examples used.
+
+    A size larger than its split takes the whole split (at most that many),
+    so the run records what it trained and evaluated on.
+    """
+    counts = {"train_examples": info.num_train, "eval_examples": info.num_eval}
+    return dataclasses.replace(settings, **{
+        name: counts[name] for name in _SUBSET_SIZES if getattr(settings, name) is not None})
+
+
+def _describe_capped(asked: TrainSettings, used: TrainSettings,
+                     info: data_lib.DatasetInfo) -> list[str]:
+    """One line per subset size that its split could not fill."""
+    splits = {"train_examples": "training", "eval_examples": info.eval_split}
+    return [f"--{name}={getattr(asked, name)} is more than the {splits[name]} split "
+            f"holds; using all {getattr(used, name)} examples"
+            for name in _SUBSET_SIZES if getattr(asked, name) != getattr(used, name)]
+
+
 def _computed_settings(settings: TrainSettings) -> dict:
     """The settings that change what a run computes (all but `RESUME_SAFE_FIELDS`)."""
     return {k: v for k, v in settings.to_json().items() if k not in RESUME_SAFE_FIELDS}
 
 
 def _remove_run_files(run_dir: str) -> None:
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, *run_directory.SCORE_FILES):
         path = os.path.join(run_dir, name)
         # A symbolic link is removed, never followed.
         if os.path.isdir(path) and not os.path.islink(path):
@@ -227,13 +274,17 @@ def _callbacks(settings: TrainSettings, saver: checkpointing.CheckpointCallback)
     # checkpoint comes last, after the CSV row, so a kill in between makes
     # the resumed run log that epoch again (the stale row is dropped by
     # _truncate_history) rather than never.
+    # The progress bar is for a terminal only: Keras draws it with colour
+    # codes and carriage returns whatever stdout is, which fill a log file
+    # with a line per step. EpochSummary's line per epoch is shown anyway.
     run_dir = settings.model_dir
+    progress_bar = [keras.callbacks.ProgbarLogger()] if _stdout_is_terminal() else []
     return [
         callbacks_lib.SoftTargetRefresh(epochs=settings.epochs),
         callbacks_lib.EpochTimer(),
         # Given here rather than added by fit, so it finishes the epoch's bar
         # before EpochSummary prints.
-        keras.callbacks.ProgbarLogger(),
+        *progress_bar,
         callbacks_lib.HistoryCSV(os.path.join(run_dir, HISTORY_FILE), append=True),
         callbacks_lib.EpochTensorBoard(
             os.path.join(run_dir, TENSORBOARD_DIR), write_graph=False,
@@ -242,6 +293,10 @@ def _callbacks(settings: TrainSettings, saver: checkpointing.CheckpointCallback)
         keras.callbacks.TerminateOnNaN(),
         saver,
     ]
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 class _StopAfterEpoch(keras.callbacks.Callback):
@@ -278,7 +333,8 @@ def _fit(model, settings, train_ds, eval_ds, steps, start, callbacks, saver) -> 
             data, validation_data=eval_ds, initial_epoch=initial_epoch,
             epochs=settings.epochs, steps_per_epoch=steps_per_epoch,
             validation_freq=evaluation_epochs(settings.epochs, settings.eval_every),
-            callbacks=callbacks + extra, verbose=1, shuffle=False,
+            # Keras adds a progress bar of its own unless verbose is 0.
+            callbacks=callbacks + extra, verbose=int(_stdout_is_terminal()), shuffle=False,
         )
         if saver.diverged_at is not None:
             return
@@ -326,22 +382,53 @@ def _interruption_message(saver: checkpointing.CheckpointCallback) -> str:
 def train(settings: TrainSettings) -> dict:
     """Runs, resumes or (when finished) reads the run in ``settings.model_dir``.
 
-    Nothing is written before the settings, the data, the model and the run
-    directory (its files, and for a resumed run its data record and
-    checkpoint) have been checked, so an invalid setting leaves no trace.
+    The process that writes the run directory (the only one, or the chief
+    of a cluster) holds its lock (`selfkd_tf.run_lock`) throughout, so a
+    second process started on the same directory is refused instead of
+    writing it too. Nothing is written before the settings, the data, the
+    model and the run directory (its files, and for a resumed run its data
+    record and checkpoint) have been checked, so an invalid setting leaves
+    no trace.
+
+    ``train_examples`` and ``eval_examples`` ask for at most so many
+    examples; a split that holds fewer is used whole, a line says so, and
+    ``flags.json`` records the number used.
 
     Returns:
         The ``metrics.json`` record.
 
     Raises:
-        SettingsError: invalid settings, unreadable data, or a run directory
-            holding a run with other settings or other data, or unreadable
-            or hostile files (and no ``overwrite``).
+        SettingsError: invalid settings, unreadable data, a run directory
+            that another process is using (flag None), or one holding a run
+            with other settings or other data, or unreadable or hostile
+            files (and no ``overwrite``).
         TrainingDivergedError: the loss became NaN or infinite.
         TrainingInterrupted: Ctrl-C during training; the checkpoints are
             whole, and running `train` again resumes from the latest.
     """
     settings = _resolved(settings)
+    seed_everything(settings)
+    with as_settings_error():
+        strategy = distribute_lib.make_strategy(settings.distribute)
+    with contextlib.ExitStack() as held:
+        if cluster.is_chief(strategy):
+            with as_settings_error():
+                held.enter_context(run_lock.locked(settings.model_dir, activity="trained"))
+        return _train_locked(settings, strategy)
+
+
+def _finished(run_dir: str) -> dict | None:
+    """A finished run's metrics record (and says so); None if it has not finished."""
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.lexists(metrics_path):
+        return None
+    record = _read_metrics(metrics_path)
+    print(f"{run_dir} has finished; its metrics are in {metrics_path}.")
+    return record
+
+
+def _train_locked(settings: TrainSettings, strategy) -> dict:
+    """`train`, once the run directory is this process's to write."""
     run_dir = settings.model_dir
     if not settings.overwrite:
         _check_run_directory(run_dir)
@@ -351,12 +438,12 @@ def train(settings: TrainSettings) -> dict:
         raise SettingsError(
             "model_dir", f"{run_dir} holds run files but no {FLAGS_FILE}; choose "
             "another --model_dir or pass --overwrite to start afresh")
+    maybe_capped = ()
     if previous is not None:
-        _check_resumable(previous, settings)
-        metrics_path = os.path.join(run_dir, METRICS_FILE)
-        if os.path.lexists(metrics_path):
-            record = _read_metrics(metrics_path)
-            print(f"{run_dir} has finished; its metrics are in {metrics_path}.")
+        maybe_capped = _maybe_capped(previous, settings)
+        _check_resumable(previous, settings,
+                         [k for k in settings.to_json() if k not in maybe_capped])
+        if not maybe_capped and (record := _finished(run_dir)) is not None:
             return record
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
     try:
@@ -365,12 +452,18 @@ def train(settings: TrainSettings) -> dict:
         raise _resume_error(run_dir, err) from err
     start = resumed or checkpointing.Position()
 
-    seed_everything(settings)
     with as_settings_error():
-        strategy = distribute_lib.make_strategy(settings.distribute)
         cluster.check_workers_agree(strategy, _computed_settings(settings), start)
     train_ds, eval_ds, info = build_datasets(
         settings, initial_epoch=min(start.epoch, settings.epochs - 1))
+    asked, settings = settings, _sizes_used(settings, info)
+    if maybe_capped:
+        if any(getattr(previous, k) != getattr(settings, k) for k in maybe_capped):
+            _check_resumable(previous, asked, maybe_capped)  # names what was asked
+        if (record := _finished(run_dir)) is not None:
+            return record
+    for line in _describe_capped(asked, settings, info):
+        print(line)
     with strategy.scope():
         model = build_model(settings, info)
         compile_model(model, settings, info.steps_per_epoch)

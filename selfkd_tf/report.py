@@ -15,38 +15,36 @@ renders them into an output directory:
   records are read; otherwise it would repeat `table1.md`.
 * `figure2.png`: top-1 error against training time per epoch.
 * `reliability_<run>.png`: reliability diagram of the deepest exit.
-* `curves_<run>.png`: per-exit accuracy along training.
+* `curves_<run>.png`: per-exit accuracy along training, on the split the
+  run scored while training.
+
+The figures are drawn by `selfkd_tf.report_figures`.
 
 Runs are grouped into one table per data set and split; under a table whose
 runs scored different numbers of examples, trained at different image sizes
 or have different numbers of exits, a note says they are not comparable
 (`incomparable`). Runs that could not be reported are listed with the reason.
-
-Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas,
-so no display is needed and pyplot's global state is left alone.
+A run counted twice (`seed_summary.check_repeats`) and records that are not
+their run's own (`selfkd_tf.provenance`) are refused.
 
 Example:
 
 ```python
-found = runs.load_runs(["runs/*"])
+found = runs.load_runs(["runs/*"], "metrics_test.json")
+provenance.check_reported(found.runs, "metrics_test.json")
 write_report(found.runs, "report", skipped=found.skipped,
              train_metrics_file="metrics_train.json")
 ```
 """
 
 import logging
-import math
 import os
-import re
 import shutil
 import tempfile
 from typing import Callable, Sequence, TypeVar
 
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from selfkd_tf import seed_summary
+from selfkd_tf.report_figures import plot_curves, plot_figure2, plot_reliability
 from selfkd_tf.run_directory import RESUME_SAFE_FIELDS
 from selfkd_tf.runs import Run, RunDataError, SkippedRun
 from selfkd_tf.seed_summary import SeedGroup, Spread
@@ -61,7 +59,6 @@ TABLE1_SCORES = (
 """`(metrics.json key, column header, format)` of the Table 1 scores,
 those `selfkd_tf.runs.SCORES` requires."""
 
-_ACCURACY_COLUMN = re.compile(r"^(val_)?(?:(?:exit_?(\d+)|(ensemble))_)?accuracy$")
 _MISSING = "n/a"
 _Item = TypeVar("_Item")
 
@@ -238,6 +235,7 @@ def _summary_notes(train_metrics_file: str, missing: Sequence[str]) -> list[str]
     """Markdown lines saying how `summary_markdown`'s cells are computed."""
     safe = ", ".join(sorted(RESUME_SAFE_FIELDS))
     lines = [
+        "Recipe: the common name of its runs without the seed suffix. "
         "Each cell: mean ± sample standard deviation over the recipe's runs, "
         "s = √(Σ(x − x̄)² / (n − 1)); a cell without ± is the value of a "
         "single run; (n=k): over the k runs that have the value. A recipe's "
@@ -315,141 +313,6 @@ def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] 
                      + _report_notes(runs, skipped))
 
 
-# ---------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------
-
-
-def _new_figure(size: tuple[float, float]) -> Figure:
-    figure = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(figure)  # attaches the headless Agg canvas
-    return figure
-
-
-def _run_title(run: Run) -> str:
-    # The run name on a line of its own: with the model and the method on
-    # one line, long method labels ran off a single-column figure.
-    return f"{run.name}\n{run.model} {run.method}"
-
-
-def plot_figure2(runs: Sequence[Run], path: str) -> None:
-    """Top-1 error of the deepest exit against training time per epoch.
-
-    One point per run, annotated with the run name and coloured by method.
-    Runs without timing information are listed under the plot instead.
-    """
-    figure = _new_figure((7.0, 5.0))
-    axes = figure.add_subplot()
-    timed = [(run, run.train_times()[1]) for run in runs]
-    untimed = [run.name for run, seconds in timed if seconds is None]
-    timed = [(run, seconds) for run, seconds in timed if seconds is not None]
-    for method in dict.fromkeys(run.method for run, _ in timed):
-        points = [(seconds, run.deepest["top1_err"])
-                  for run, seconds in timed if run.method == method]
-        axes.scatter(*zip(*points), label=method, s=40)
-    for run, seconds in timed:
-        axes.annotate(run.name, (seconds, run.deepest["top1_err"]),
-                      textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if timed:
-        axes.legend(title="Method", fontsize=8)
-    else:
-        axes.text(0.5, 0.5, "no run has timing information",
-                  transform=axes.transAxes, ha="center")
-    if untimed:
-        figure.supxlabel("not shown (no timing): " + ", ".join(untimed), fontsize=8)
-    axes.set_xlabel("Training time per epoch (s)")
-    axes.set_ylabel("Top-1 error (%), deepest exit")
-    axes.set_title("Top-1 error vs training time per epoch")
-    axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=120)
-
-
-def plot_reliability(run: Run, path: str) -> None:
-    """Reliability diagram of the run's deepest exit.
-
-    Filled bars: accuracy per confidence bin; hatched outlines: mean
-    confidence per bin; dashed diagonal: perfect calibration. Empty bins
-    have no bar. The title gives the ECE.
-    """
-    reliability = run.metrics["reliability"]
-    edges = np.asarray(reliability["edges"], dtype=float)
-    # null (empty bin) -> NaN -> no bar.
-    accuracy = np.nan_to_num(np.array(reliability["accuracy"], dtype=float))
-    confidence = np.nan_to_num(np.array(reliability["confidence"], dtype=float))
-    widths = np.diff(edges)
-    figure = _new_figure((5.0, 5.0))
-    axes = figure.add_subplot()
-    axes.bar(edges[:-1], accuracy, width=widths, align="edge", color="tab:blue",
-             edgecolor="black", label="Accuracy")
-    axes.bar(edges[:-1], confidence, width=widths, align="edge", fill=False,
-             hatch="//", edgecolor="tab:red", label="Confidence")
-    axes.plot([0, 1], [0, 1], "--", color="gray", label="Perfect calibration")
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence (max probability)",
-             ylabel="Accuracy")
-    axes.set_title(f"{_run_title(run)}\ndeepest exit, ECE = {run.deepest['ece']:.2f}%",
-                   fontsize=10)
-    axes.legend(loc="upper left", fontsize=8)
-    figure.savefig(path, dpi=120)
-
-
-def _accuracy_columns(history: dict[str, np.ndarray],
-                      num_exits: int) -> list[tuple[str, str | None, str | None]]:
-    """`(label, train column, validation column)` of each accuracy series.
-
-    Order: a plain `accuracy` (single-output model, labelled "Output"), the
-    exits shallowest first, the ensemble.
-    """
-    series: dict[float, dict[str, str]] = {}
-    for column in history:
-        match = _ACCURACY_COLUMN.match(column)
-        if match:
-            val, exit_index, ensemble = match.groups()
-            order = int(exit_index) if exit_index else math.inf if ensemble else 0
-            series.setdefault(order, {})["val" if val else "train"] = column
-    result = []
-    for order in sorted(series):
-        if order == 0:
-            label = "Output"
-        elif order == math.inf:
-            label = "Ensemble"
-        else:
-            label = f"Exit {order}" + (" (deepest)" if order == num_exits else "")
-        result.append((label, series[order].get("train"), series[order].get("val")))
-    return result
-
-
-def plot_curves(run: Run, path: str) -> bool:
-    """Per-exit and ensemble accuracy (%) per epoch from `history.csv`.
-
-    Solid lines: validation accuracy; dashed lines of the same colour:
-    training accuracy, when logged.
-
-    Returns:
-        `False`, writing nothing, when the history has no accuracy column.
-    """
-    series = _accuracy_columns(run.history, run.num_exits)
-    if not series:
-        return False
-    epochs = run.epoch_numbers()
-    figure = _new_figure((7.0, 5.0))
-    axes = figure.add_subplot()
-    for index, (label, train, val) in enumerate(series):
-        color = f"C{index % 10}"
-        if val:
-            axes.plot(epochs, 100 * run.history[val], color=color, label=label)
-        if train:
-            axes.plot(epochs, 100 * run.history[train], "--", color=color,
-                      label=f"{label} (train)")
-    axes.set_xlabel("Epoch")
-    axes.set_ylabel("Accuracy (%)")
-    axes.set_title(f"{_run_title(run)}\nsolid: validation, dashed: training",
-                   fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, ncol=2)
-    figure.savefig(path, dpi=120)
-    return True
-
-
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -476,11 +339,17 @@ def write_report(runs: Sequence[Run], out_dir: str,
         The paths written, sorted.
 
     Raises:
+        RepeatedRunError: a run would be counted twice
+            (`seed_summary.check_repeats`); nothing is written.
         RunDataError: No run, or a training-split record cannot be used
             (see `seed_summary.read_train_metrics`); nothing is written.
+        ValueError: ``train_metrics_file`` is not a plain file name.
     """
     if not runs:
         raise RunDataError("no run to report")
+    # Before the training records: a run reported twice is named as such,
+    # not as a training record that another run holds too.
+    seed_summary.check_repeats(runs)
     train_metrics = seed_summary.read_train_metrics(runs, train_metrics_file)
     groups = seed_summary.group_seeds(runs, train_metrics)
     staging = tempfile.mkdtemp(prefix="selfkd-report-")
@@ -494,7 +363,7 @@ def write_report(runs: Sequence[Run], out_dir: str,
         for run in runs:
             stem = run.file_stem
             plot_reliability(run, os.path.join(staging, f"reliability_{stem}.png"))
-            if not plot_curves(run, os.path.join(staging, f"curves_{stem}.png")):
+            if plot_curves(run, os.path.join(staging, f"curves_{stem}.png")) is None:
                 logger.warning("%s: no accuracy column in history.csv, "
                                "curves_%s.png not written", run.path, stem)
         written = sorted(os.listdir(staging))

@@ -63,6 +63,14 @@ RUN_FILES = (FLAGS_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
              TENSORBOARD_DIR, CHECKPOINT_DIR)
 """Everything training writes in a run directory (and ``overwrite`` removes)."""
 
+SCORE_FILES = tuple(
+    f"{stem}_{split}.{extension}"
+    for stem, extensions in (("metrics", ("json",)), ("early_exit", ("json", "png")))
+    for split in ("test", "validation", "train") for extension in extensions)
+"""What ``selfkd-eval`` writes beside the model by default: scores of the
+model the run held, so ``overwrite`` removes them with it (a report must
+not read an earlier model's scores as the new one's)."""
+
 RESUME_SAFE_FIELDS = frozenset({
     "data_dir", "model_dir", "overwrite", "save_every_steps", "distribute",
     "jit_compile", "deterministic", "eval_every",

@@ -371,9 +371,14 @@ def load_run(path: str, name: str | None = None,
             raise RunDataError(
                 f"{path}: no {metrics_file}: training has not finished "
                 "(still running, or interrupted: rerun selfkd-train to resume)")
+        # selfkd-eval names its record metrics_<split>.json; asking for that
+        # name with --out alone would write the run's evaluation split under
+        # another split's name.
+        split = re.fullmatch(r"metrics_(test|validation|train)\.json", metrics_file)
+        command = f"--split={split[1]}" if split else f"--out={metrics_path}"
         raise RunDataError(
-            f"{path}: no {metrics_file} (selfkd-eval --model={path} --out="
-            f"{metrics_path} writes it)")
+            f"{path}: no {metrics_file} (selfkd-eval --model={path} {command} "
+            "writes it)")
     metrics = read_metrics(metrics_path)
     flags_path = os.path.join(path, "flags.json")
     flags = _read_json(flags_path) if os.path.isfile(flags_path) else {}

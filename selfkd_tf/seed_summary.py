@@ -13,6 +13,9 @@ only in their seed. `group_seeds` finds those repeats among loaded runs
   in one `flags.json` and absent from the other (an older run) counts as a
   difference.
 * A run without `flags.json` is a recipe of its own.
+* A mean ± std needs independent runs: two runs of one recipe with one seed
+  (a run and a copy of its directory, say), or two runs whose records hold
+  the very same scores, are refused (`RepeatedRunError`).
 * Repeats must also be comparable: runs whose reported scores come from
   another data set, split or number of examples, or that have another
   number of exits, are kept apart as another group (the tables then show
@@ -27,8 +30,9 @@ which is undefined for ``n = 1`` (`Spread.std` is then `None` and the value
 is shown alone). Accuracies are ``100 - top1_err`` in percent.
 
 Training accuracy comes from a second record per run directory, scored on
-the training split without augmentation (``selfkd-eval --split=train
---out=RUN/metrics_train.json``), read by `read_train_metrics`. The
+the training split without augmentation (``selfkd-eval --split=train``
+writes ``RUN/metrics_train.json``), read by `read_train_metrics`, which
+refuses a record that is not the run's own (`selfkd_tf.provenance`). The
 generalisation gap of a run is its training accuracy minus its reported
 (test) accuracy, both of the deepest exit, in percentage points; a group's
 gap is the mean ± standard deviation of its runs' gaps (not the difference
@@ -55,6 +59,7 @@ import re
 import statistics
 from typing import Any, Sequence
 
+from selfkd_tf import provenance
 from selfkd_tf.run_directory import RESUME_SAFE_FIELDS
 from selfkd_tf.runs import Run, RunDataError, read_metrics
 
@@ -64,7 +69,15 @@ IGNORED_FIELDS = RESUME_SAFE_FIELDS | {"seed"}
 TRAIN_SPLIT = "train"
 """The ``split`` a training-accuracy record must have."""
 
+TRAIN_RECORD = "metrics_train.json"
+"""The name ``selfkd-eval --split=train`` gives the training-split record."""
+
 _SEED_SUFFIX = re.compile(r"[_-]?seed\d+$")
+_SEPARATORS = "/_-"
+
+
+class RepeatedRunError(RunDataError):
+    """One run counted twice in a mean ± std (see `check_repeats`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +162,10 @@ class SeedGroup:
         runs: The repeats, in the order they were given.
         train_metrics: Per run, its training-split record (schema of
             `metrics.json`, ``split`` "train"), or `None` when it has none.
-        label: Name of the row: the runs' common name without its seed
-            suffix (``baseline`` for ``baseline_seed0``, ``baseline_seed1``),
-            else the run names joined with ", ", or the name of a lone run.
+        label: Name of the row, the recipe's: the runs' common name
+            without its seed suffix, for one run as for several
+            (``baseline`` for ``baseline_seed0``, ``baseline_seed1``); see
+            `group_seeds`.
     """
 
     runs: tuple[Run, ...]
@@ -211,13 +225,97 @@ def _spread_of_known(values: Sequence[float | None]) -> Spread | None:
     return spread(known) if known else None
 
 
-def _label(runs: Sequence[Run]) -> str:
-    if len(runs) == 1:
-        return runs[0].name
-    stems = {_SEED_SUFFIX.sub("", run.name).rstrip("/_-") for run in runs}
-    if len(stems) == 1 and "" not in stems:
-        return stems.pop()
-    return ", ".join(run.name for run in runs)
+def _stem(run: Run) -> str:
+    """The run's name without its seed suffix: ``baseline`` for
+    ``baseline_seed0``, ``a`` for ``a/seed1``; a run named ``seed0`` alone
+    is named by its parent directory."""
+    stem = _SEED_SUFFIX.sub("", run.name).rstrip(_SEPARATORS)
+    return stem or os.path.basename(os.path.dirname(os.path.abspath(run.path))) or run.name
+
+
+def _common_stem(runs: Sequence[Run]) -> str:
+    """The runs' common `_stem`; runs named unlike each other (``pskd`` and
+    ``pskd_rerun``) share the leading words of their stems, else the first
+    run's stem stands for the recipe."""
+    stems = list(dict.fromkeys(_stem(run) for run in runs))
+    prefix = os.path.commonprefix(stems)
+    if not all(stem[len(prefix):len(prefix) + 1] in ("", *_SEPARATORS) for stem in stems):
+        # Cut back to whole words: "pskd" and "pskdx" share no word.
+        prefix = prefix[:max(prefix.rfind(c) for c in _SEPARATORS) + 1]
+    return prefix.rstrip(_SEPARATORS) or stems[0]
+
+
+def _properties(runs: Sequence[Run]) -> dict[str, str]:
+    """What may tell a group apart from another recipe of the same name, as
+    label text: its recipe's flags (``lr=0.05``), numbers of scored examples
+    and of exits."""
+    run = runs[0]
+    flags = json.loads(recipe(run.flags) or "{}")
+    shown = {
+        f"flag {key}": f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in flags.items()}
+    return {**shown, "examples": f"{run.num_examples} examples",
+            "exits": f"{run.num_exits} exits"}
+
+
+def _labels(chosen: Sequence[Sequence[Run]]) -> list[str]:
+    """Unique row labels of groups of runs (see `group_seeds`)."""
+    labels = [_common_stem(runs) for runs in chosen]
+    properties = [_properties(runs) for runs in chosen]
+    for label in {label for label in labels if labels.count(label) > 1}:
+        same = [i for i, other in enumerate(labels) if other == label]
+        keys = dict.fromkeys(key for i in same for key in properties[i])
+        differ = [key for key in keys
+                  if len({properties[i].get(key) for i in same}) > 1]
+        for i in same:
+            told = [properties[i][key] for key in differ if key in properties[i]]
+            labels[i] = f"{label} ({', '.join(told)})" if told else label
+    # Still alike (runs without flags.json): their own names.
+    return [label if labels.count(label) == 1 else ", ".join(run.name for run in runs)
+            for label, runs in zip(labels, chosen)]
+
+
+def _groups(runs: Sequence[Run]) -> list[list[int]]:
+    """Indices of ``runs`` by recipe (`_comparison_key`), in order."""
+    members: dict[tuple, list[int]] = {}
+    for index, run in enumerate(runs):
+        members.setdefault(_comparison_key(run), []).append(index)
+    return list(members.values())
+
+
+def check_repeats(runs: Sequence[Run]) -> None:
+    """Refuses runs that would count one run twice in a mean ± std.
+
+    Raises:
+        RepeatedRunError: (one line naming both runs) two runs of one recipe
+            have the same seed (one run reached twice, e.g. the run and a
+            copy of its directory), or two runs report the very same scores
+            (one record copied from one run into another).
+
+    Example:
+
+    >>> check_repeats(load_runs(["study/", "docs/results/runs/"]).runs)  # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    RepeatedRunError: study/pskd_seed0 and docs/results/runs/pskd_seed0: ...
+    """
+    for indices in _groups(runs):
+        first_of_seed: dict[Any, Run] = {}
+        for run in (runs[i] for i in indices):
+            seed = run.flags.get("seed")
+            if seed is not None and seed in first_of_seed:
+                raise RepeatedRunError(
+                    f"{first_of_seed[seed].path} and {run.path} are runs of one recipe "
+                    f"with one seed ({seed}): the same run twice (a copy of its "
+                    "directory?); a mean ± std needs independent seeds: report one of them")
+            first_of_seed.setdefault(seed, run)
+    copy = provenance.first_copy([run.metrics for run in runs])
+    if copy:
+        first, second = (runs[i] for i in copy)
+        raise RepeatedRunError(
+            f"{first.path} and {second.path} report the very same scores: one "
+            "run twice, or a record copied from one run directory into the "
+            "other; report each run once, with its own record")
 
 
 def group_seeds(runs: Sequence[Run],
@@ -232,33 +330,50 @@ def group_seeds(runs: Sequence[Run],
 
     Returns:
         The groups in the order of their first run; runs keep their order.
-        Labels are unique: two groups whose names share a stem (runs kept
-        apart because they scored different numbers of examples) are
-        labelled by their run names.
+        A group is labelled by its runs' common name without the seed
+        suffix (`SeedGroup.label`). Labels are unique: groups whose names
+        share a stem are told apart by what differs between them, e.g.
+        ``pskd (lr=0.05)`` and ``pskd (lr=0.1)``, or ``base (100 examples)``
+        and ``base (50 examples)`` (runs scored on other numbers of
+        examples); runs without ``flags.json`` by their names.
+
+    Raises:
+        RepeatedRunError: a run would be counted twice (`check_repeats`).
+        ValueError: ``train_metrics`` is not one entry per run.
 
     Example:
 
     >>> [g.label for g in group_seeds(runs)]  # doctest: +SKIP
-    ['baseline', 'pskd', 'pskd_lr0.05_seed0']
+    ['baseline', 'pskd', 'pskd_lr0.05']
     """
     if train_metrics is None:
         train_metrics = [None] * len(runs)
     if len(train_metrics) != len(runs):
         raise ValueError(f"{len(train_metrics)} training records for {len(runs)} runs")
-    members: dict[tuple, list[int]] = {}
-    for index, run in enumerate(runs):
-        members.setdefault(_comparison_key(run), []).append(index)
-    chosen = [[runs[i] for i in indices] for indices in members.values()]
-    labels = [_label(group) for group in chosen]
-    labels = [
-        label if labels.count(label) == 1 else ", ".join(run.name for run in group)
-        for label, group in zip(labels, chosen)
-    ]
+    check_repeats(runs)
+    members = _groups(runs)
+    labels = _labels([[runs[i] for i in indices] for indices in members])
     return [
         SeedGroup(tuple(runs[i] for i in indices),
                   tuple(train_metrics[i] for i in indices), label)
-        for indices, label in zip(members.values(), labels)
+        for indices, label in zip(members, labels)
     ]
+
+
+def _check_train_record(run: Run, record: dict[str, Any], path: str) -> None:
+    """Raises `RunDataError` unless ``record`` can give ``run``'s gap."""
+    if record["split"] != TRAIN_SPLIT:
+        # Never suggest writing the training split under this file's name:
+        # it may be the record of another split (metrics_test.json).
+        raise RunDataError(
+            f"{path}: split is {record['split']!r}, not {TRAIN_SPLIT!r}; "
+            f"selfkd-eval --model={run.path} --split={TRAIN_SPLIT} writes the "
+            f"training-split record as {os.path.join(run.path, TRAIN_RECORD)}")
+    if record["dataset"] != run.metrics["dataset"]:
+        raise RunDataError(
+            f"{path}: data set {record['dataset']}; the run's reported scores: "
+            f"data set {run.metrics['dataset']}")
+    provenance.check_record(run, record, path, reference=run.metrics)
 
 
 def read_train_metrics(runs: Sequence[Run], filename: str
@@ -269,22 +384,27 @@ def read_train_metrics(runs: Sequence[Run], filename: str
         runs: Loaded runs; their reported scores must not be of the
             training split themselves.
         filename: The record's name in each run directory, e.g.
-            ``metrics_train.json`` (``selfkd-eval --split=train`` writes
-            it); empty: no record (all `None`).
+            `TRAIN_RECORD` (``selfkd-eval --split=train`` writes it); empty:
+            no record (all `None`).
 
     Returns:
         Per run, the record, or `None` when the run directory has no such
         file.
 
     Raises:
+        ValueError: ``filename`` is not a plain file name
+            (`provenance.check_file_name`).
         RunDataError: (one line, naming the file) a record is unreadable,
-            lacks what the report reads, is not of the ``train`` split, or
-            of another data set or number of exits than the run's reported
-            scores; a run's reported scores are of the training split; or
-            no run has the file (a mistyped name).
+            lacks what the report reads, is not of the ``train`` split, is
+            of another data set than the run's reported scores, is not of
+            the run's model (`provenance.check_record`: methods, ...), or
+            holds the very same scores as another run's (copied); a run's
+            reported scores are of the training split; or no run has the
+            file (a mistyped name).
     """
     if not filename:
         return [None] * len(runs)
+    provenance.check_file_name(filename)
     records: list[dict[str, Any] | None] = []
     for run in runs:
         if run.metrics["split"] == TRAIN_SPLIT:
@@ -296,19 +416,14 @@ def read_train_metrics(runs: Sequence[Run], filename: str
             records.append(None)
             continue
         record = read_metrics(path)
-        if record["split"] != TRAIN_SPLIT:
-            raise RunDataError(
-                f"{path}: split is {record['split']!r}, not {TRAIN_SPLIT!r} "
-                f"(selfkd-eval --model={run.path} --split=train --out={path} "
-                "writes the training-split record)")
-        reported = (run.metrics["dataset"], run.num_exits)
-        scored = (record["dataset"], len(record["exits"]))
-        if scored != reported:
-            raise RunDataError(
-                f"{path}: data set {scored[0]}, {scored[1]} exit(s); the run's "
-                f"reported scores: data set {reported[0]}, {reported[1]} exit(s)")
+        _check_train_record(run, record, path)
         records.append(record)
     if runs and all(record is None for record in records):
         raise RunDataError(f"no run directory holds a {filename}")
+    copy = provenance.first_copy(records)
+    if copy:
+        first, second = (os.path.join(runs[i].path, filename) for i in copy)
+        raise RunDataError(
+            f"{second}: the very same scores as {first}: a record copied from "
+            "one run directory into the other; give each run its own")
     return records
-

@@ -24,6 +24,8 @@ import os
 import re
 import typing
 
+import numpy as np
+
 from selfkd_tf import data as data_lib
 from selfkd_tf import distribute as distribute_lib
 from selfkd_tf import losses
@@ -34,6 +36,26 @@ from selfkd_tf.optimizers import LR_SCHEDULES
 from selfkd_tf.run_directory import FLAGS_FILE
 
 TABLE_DTYPES = ("float32", "float16")
+
+MAX_SEED = 2**32 - 1
+"""Largest ``seed`` and ``subset_seed``: `keras.utils.set_random_seed` seeds
+NumPy's global generator, which takes 32 bits."""
+MAX_EPOCHS = 1_000_000
+"""Largest ``epochs``: the paper trains 300; the epochs to evaluate after
+are listed in memory (2^31 epochs ran out of it)."""
+MAX_BATCH_SIZE = 2**31 - 1
+"""Largest ``batch_size``: a batch larger than the split holds the whole
+split; TensorFlow indexes batches with 64-bit integers, which 2^63 overflowed."""
+MAX_IMAGE_SIZE = 4096
+"""Largest ``image_size``: every image is held in memory at this size."""
+MAX_WIDTH_MULTIPLIER = 16.0
+"""Largest ``width_multiplier``: 16 makes ResNet-18's widest stage 8,192
+channels (600 million weights in one of its convolutions)."""
+TEMPERATURES = (0.01, 100.0)
+"""Lowest and highest ``temperature``. Distillation softens with 1 to 20;
+far outside, float32 loses the distillation term (``--temperature=1e30``
+trained to NaN; for a tiny one, ``T^2 KL`` underflows to 0)."""
+_FLOAT32 = np.finfo(np.float32)
 
 
 class SettingsError(ValueError):
@@ -79,9 +101,12 @@ class TrainSettings:
     augment: bool = _setting(True, "Random crop (padding 4) and horizontal flip.")
     image_size: int | None = _setting(None, "Resize every image to this size.")
     train_examples: int | None = _setting(
-        None, "Use a stratified subset of this many training examples.")
+        None, "Use a stratified subset of at most this many training examples "
+        "(all of them when the split holds fewer: a line says so, and "
+        "flags.json records the number used).")
     eval_examples: int | None = _setting(
-        None, "Use a stratified subset of this many evaluation examples.")
+        None, "Use a stratified subset of at most this many evaluation "
+        "examples, likewise.")
     subset_seed: int | None = _setting(
         None, "Seed of the validation split and of the train_examples/"
         "eval_examples subsets; default: --seed. Fix it to compare seeds on "
@@ -109,7 +134,8 @@ class TrainSettings:
         "deepest", f"PS-KD teacher: {', '.join(losses.PSKD_TEACHERS)}.")
     byot_alpha: float = _setting(0.1, "BYOT: weight of the distillation term.")
     byot_lambda: float = _setting(1e-6, "BYOT: weight of the feature hint term.")
-    temperature: float = _setting(3.0, "BYOT: softening temperature.")
+    temperature: float = _setting(
+        3.0, f"BYOT: softening temperature, in [{TEMPERATURES[0]:g}, {TEMPERATURES[1]:g}].")
     byot_exits: tuple[int, ...] | None = _setting(
         None, "BYOT: comma list of the shallow exits distilled, 1-based "
         "(Table 3 ablation); default: all shallow exits.")
@@ -169,11 +195,10 @@ class TrainSettings:
         ...     print(error.flag)
         arch
         """
-        # inf passes every range check below (inf > 0) and trains to NaN.
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise SettingsError(field.name, f"got {value}; allowed: finite numbers")
+            if isinstance(value, float):
+                check_float32(field.name, value)
         if not self.dataset:
             raise SettingsError(
                 "dataset", "missing; allowed: digits, cifar10, cifar100, cifar:PATH, "
@@ -182,13 +207,23 @@ class TrainSettings:
         if self.exit_head is not None:
             check_choice("exit_head", self.exit_head, EXIT_HEADS)
         check_choice("num_stages", self.num_stages, NUM_STAGES)
-        if not self.width_multiplier > 0:
+        if not 0 < self.width_multiplier <= MAX_WIDTH_MULTIPLIER:
             raise SettingsError(
-                "width_multiplier", f"got {self.width_multiplier}; allowed: > 0")
+                "width_multiplier", f"got {self.width_multiplier}; allowed: "
+                f"(0, {MAX_WIDTH_MULTIPLIER:g}]")
+        if self.image_size is not None:
+            _check_integer("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        for name in ("train_examples", "eval_examples"):
+            if getattr(self, name) is not None:
+                _check_integer(name, getattr(self, name), 1)
+        low, high = TEMPERATURES
+        if not low <= self.temperature <= high:
+            raise SettingsError(
+                "temperature", f"got {self.temperature}; allowed: [{low:g}, {high:g}]")
         with as_settings_error():
             self.selfkd_config().shallow_byot_exits(self.num_stages)
-        _check_at_least("epochs", self.epochs, 1)
-        _check_at_least("batch_size", self.batch_size, 1)
+        _check_integer("epochs", self.epochs, 1, MAX_EPOCHS)
+        _check_integer("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if not self.lr > 0:
             raise SettingsError("lr", f"got {self.lr}; allowed: > 0")
         if not 0 <= self.momentum < 1:
@@ -197,14 +232,14 @@ class TrainSettings:
             raise SettingsError(
                 "weight_decay", f"got {self.weight_decay}; allowed: >= 0")
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_at_least("seed", self.seed, 0)
+        _check_integer("seed", self.seed, 0, MAX_SEED)
         check_choice("distribute", self.distribute, distribute_lib.STRATEGIES)
         check_choice("mixed_precision", self.mixed_precision, distribute_lib.PRECISIONS)
         check_choice("table_dtype", self.table_dtype, TABLE_DTYPES)
         if self.subset_seed is not None:
-            _check_at_least("subset_seed", self.subset_seed, 0)
-        _check_at_least("eval_every", self.eval_every, 1)
-        _check_at_least("save_every_steps", self.save_every_steps, 0)
+            _check_integer("subset_seed", self.subset_seed, 0, MAX_SEED)
+        _check_integer("eval_every", self.eval_every, 1)
+        _check_integer("save_every_steps", self.save_every_steps, 0)
 
     def default_model_dir(self) -> str:
         """``runs/<dataset>_<arch>_<methods>``, e.g. ``runs/cifar100_resnet18_pskd+byot``."""
@@ -239,9 +274,42 @@ def check_choice(flag: str, value, allowed) -> None:
             flag, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
-def _check_at_least(flag: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SettingsError(flag, f"got {value!r}; allowed: integers >= {minimum}")
+def _check_integer(flag: str, value, minimum: int, maximum: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        allowed = (f"integers >= {minimum}" if maximum is None
+                   else f"integers in [{minimum}, {maximum}]")
+        raise SettingsError(flag, f"got {value!r}; allowed: {allowed}")
+
+
+def check_float32(flag: str, value: float) -> None:
+    """Refuses a number that float32, in which training computes, cannot hold.
+
+    Infinity passes every range check (inf > 0) and trains to NaN; beyond
+    float32's largest number a setting becomes infinite, and a nonzero one
+    below its smallest becomes 0 (``--lr=1e-46`` would freeze the weights).
+
+    Raises:
+        SettingsError: ``value`` is NaN or infinite, or float32 holds it as
+            infinity, or as 0 when it is not 0.
+
+    Example:
+
+    >>> check_float32("lr", 1e-46)
+    Traceback (most recent call last):
+    ...
+    selfkd_tf.settings.SettingsError: lr: got 1e-46, which float32 holds as 0; allowed: 0 or a magnitude of at least 1.401e-45
+    """
+    with np.errstate(over="ignore"):
+        held = np.float32(value)
+    if not math.isfinite(value) or np.isinf(held):
+        raise SettingsError(
+            flag, f"got {value}; allowed: finite numbers within float32's "
+            f"range (magnitude at most {_FLOAT32.max:.4g})")
+    if value and not held:
+        raise SettingsError(
+            flag, f"got {value}, which float32 holds as 0; allowed: 0 or a "
+            f"magnitude of at least {_FLOAT32.smallest_subnormal:.4g}")
 
 
 _FLAG_NAMES = frozenset(f.name for f in dataclasses.fields(TrainSettings))

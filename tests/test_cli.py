@@ -68,8 +68,27 @@ def test_every_float_setting_refuses_infinity_and_nan():
     (dict(methods=("pskd", "kd")), "methods", "pskd, byot, dmfl"),
     (dict(num_stages=3, byot_exits=(3,)), "byot_exits", "1..2"),
     (dict(num_stages=5), "num_stages", "2, 3, 4"),
-    (dict(epochs=-1), "epochs", ">= 1"),
-    (dict(batch_size=0), "batch_size", ">= 1"),
+    (dict(epochs=-1), "epochs", "integers in [1, 1000000]"),
+    (dict(batch_size=0), "batch_size", "integers in [1, 2147483647]"),
+    # Huge numbers: tracebacks from NumPy and TensorFlow, or memory for
+    # 2^31 evaluation epochs, before these bounds.
+    (dict(seed=2**32), "seed", "integers in [0, 4294967295]"),
+    (dict(seed=10**30), "seed", "integers in [0, 4294967295]"),
+    (dict(subset_seed=2**63), "subset_seed", "integers in [0, 4294967295]"),
+    (dict(epochs=2**31), "epochs", "integers in [1, 1000000]"),
+    (dict(batch_size=2**63), "batch_size", "integers in [1, 2147483647]"),
+    (dict(image_size=2**31), "image_size", "integers in [1, 4096]"),
+    (dict(image_size=0), "image_size", "integers in [1, 4096]"),
+    (dict(train_examples=0), "train_examples", "integers >= 1"),
+    (dict(width_multiplier=1e30), "width_multiplier", "(0, 16]"),
+    # Beyond float32 a setting becomes infinite; below it, 0 (frozen weights).
+    (dict(lr=1e39), "lr", "within float32's range"),
+    (dict(weight_decay=1e39), "weight_decay", "within float32's range"),
+    (dict(byot_lambda=-1e39), "byot_lambda", "within float32's range"),
+    (dict(lr=1e-46), "lr", "which float32 holds as 0"),
+    # T^2 trained to NaN at 1e30 (an OverflowError traceback at 1e308).
+    (dict(temperature=1e30), "temperature", "[0.01, 100]"),
+    (dict(temperature=1e-30), "temperature", "[0.01, 100]"),
     (dict(exit_head="dense"), "exit_head", "bottleneck"),
     (dict(lr_schedule="step"), "lr_schedule", "multistep"),
     (dict(distribute="tpu"), "distribute", "mirrored"),
@@ -83,6 +102,14 @@ def test_validate_names_the_flag_and_the_allowed_values(change, flag, allowed):
     assert error.value.flag == flag
     assert allowed in error.value.problem
     assert "\n" not in str(error.value)
+
+
+def test_the_largest_allowed_numbers_are_valid():
+    dataclasses.replace(
+        TrainSettings(), seed=2**32 - 1, subset_seed=2**32 - 1, epochs=10**6,
+        batch_size=2**31 - 1, image_size=4096, width_multiplier=16.0,
+        train_examples=10**30, eval_examples=10**30, eval_every=10**30,
+        save_every_steps=10**30, lr=1e38, byot_lambda=1e-40, temperature=100.0).validate()
 
 
 def test_every_setting_is_a_flag_with_its_default():
@@ -152,6 +179,14 @@ def test_train_writes_a_run_and_never_overwrites_it_silently(tmp_path):
     # targets are one-hot: the teacher's weight applied is 0.
     assert summaries[0].endswith("| lr 0.05 alpha_t 0")
     assert "byot" in summaries[-1] and summaries[-1].endswith("| lr 0.05 alpha_t 0.8")
+    # Not a terminal: no progress bar, whose colour codes and line per step
+    # filled log files.
+    assert "\x1b[" not in result.stdout and "\r" not in result.stdout
+    assert not re.search(r"^\s*\d+/\d+ ", result.stdout, re.M)
+    # smoke.flags asks for 128 training and 64 test images of 64 and 32.
+    assert result.stdout.splitlines()[:2] == [
+        "--train_examples=128 is more than the training split holds; using all 64 examples",
+        "--eval_examples=64 is more than the test split holds; using all 32 examples"]
 
     # The final table, then where the run is and what to do next.
     lines = result.stdout.splitlines()
@@ -170,6 +205,8 @@ Next:
 
     flags_json = json.loads((run_dir / "flags.json").read_text())
     assert flags_json["dataset"] == dataset and flags_json["epochs"] == 2
+    # The numbers of examples used, not asked for.
+    assert (flags_json["train_examples"], flags_json["eval_examples"]) == (64, 32)
     with open(run_dir / "history.csv", newline="") as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
@@ -190,6 +227,9 @@ Next:
     settings = TrainSettings.from_json(flags_json)
     mtime = os.path.getmtime(run_dir / "metrics.json")
     assert experiment.train(settings) == metrics
+    # So does the command as it was given, asking for more than there is.
+    assert experiment.train(dataclasses.replace(
+        settings, train_examples=128, eval_examples=64)) == metrics
     assert os.path.getmtime(run_dir / "metrics.json") == mtime
     # Settings that change the result are refused, naming the differences.
     with pytest.raises(SettingsError) as error:
@@ -204,14 +244,18 @@ Next:
         experiment.train(settings)
 
 
-def test_bad_flag_is_one_error_line_and_exit_status_2(tmp_path):
+@pytest.mark.parametrize("flag, message", [
+    ("--arch=resnet19", "--arch: got 'resnet19'; allowed: resnet18, resnet34"),
+    # Was a 35-line traceback from NumPy's seeding, exit status 1.
+    ("--seed=4294967296", "--seed: got 4294967296; allowed: integers in [0, 4294967295]"),
+])
+def test_bad_flag_is_one_error_line_and_exit_status_2(tmp_path, flag, message):
     run_dir = tmp_path / "run"
-    result = run_cli("selfkd_tf.cli.train", "--arch=resnet19", "--dataset=npz:/x.npz",
+    result = run_cli("selfkd_tf.cli.train", flag, "--dataset=npz:/x.npz",
                      f"--model_dir={run_dir}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "FATAL" not in result.stderr
-    assert last_line(result.stderr).startswith(
-        "selfkd-train: error: --arch: got 'resnet19'; allowed: resnet18, resnet34")
+    assert last_line(result.stderr).startswith(f"selfkd-train: error: {message}")
     assert not run_dir.exists()
 
 

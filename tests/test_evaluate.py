@@ -80,6 +80,29 @@ def test_validation_split_needs_one_held_out(run_dir):
         evaluate_trained(load_trained_model(str(run_dir)),
                                     split="validation")
     assert error.value.flag == "split"
+    # The training split can be scored as well as the test split.
+    assert error.value.problem.endswith("allowed: test, train")
+
+
+def test_eval_examples_beyond_the_split_score_it_whole_and_say_so(run_dir, tmp_path):
+    result = run_cli("selfkd_tf.cli.evaluate", f"--model={run_dir}",
+                     "--eval_examples=5000", f"--out={tmp_path / 'eval.json'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("--eval_examples=5000 is more than the test split holds; scored all "
+            "32 examples") in result.stdout.splitlines()
+    assert json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 32
+
+
+def test_eval_help_names_the_files_it_writes():
+    result = run_cli("selfkd_tf.cli.evaluate", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    description = text.split(" flags: ")[0]
+    # By default the record goes beside the model, one file per split.
+    assert "writes the record (`selfkd_tf.metrics` schema) to ``metrics_<split>.json`` " \
+        "beside the model" in description
+    assert "``metrics.json`` record" not in description
+    assert "--[no]early_exit: Instead of metrics_<split>.json, sweep" in text
 
 
 def test_eval_command_reproduces_the_runs_metrics(run_dir, tmp_path):

@@ -200,6 +200,9 @@ def test_cascade_export_command_names_the_runs_classes(model, tmp_path):
     (["--exit=cascade"], "--threshold: required with exit=cascade"),
     (["--class_names=a,b"], "--class_names: got 2 names for a model of 5 classes"),
     (["--exit=cascade", "--threshold=nan"], "--threshold: must be a number >= 0"),
+    # Beyond float32, which the graph holds it in.
+    (["--exit=cascade", "--threshold=1e39"],
+     "--threshold: got 1e+39; allowed: finite numbers within float32's range"),
 ])
 def test_export_command_refuses_bad_flags_in_one_line(model, tmp_path, args, message):
     model.save(tmp_path / "model.keras")

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -63,12 +64,12 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def _interrupt(process, run_dir, when):
-    """Sends SIGINT once ``when(run_dir)`` holds; returns whether it did."""
+def _interrupt(process, run_dir, when, signum):
+    """Sends ``signum`` once ``when(run_dir)`` holds; returns whether it did."""
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and process.poll() is None:
         if when(run_dir):
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             return True
         time.sleep(0.001)
     return False
@@ -88,6 +89,9 @@ POINTS = {
     # Between writes in the second epoch.
     "epoch 2": lambda run_dir: any(n.startswith("ckpt-18.") for n in _checkpoints(run_dir)),
 }
+# SIGTERM, as a job scheduler sends it, stops as Ctrl-C does, with exit status 143.
+POINTS["writing, SIGTERM"] = POINTS["writing"]
+SIGNALS = {name: signal.SIGTERM if "SIGTERM" in name else signal.SIGINT for name in POINTS}
 
 
 def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tmp_path):
@@ -95,7 +99,7 @@ def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tmp_path):
     args = [f"--flagfile={CONFIGS / 'smoke.flags'}", f"--dataset={dataset}",
             "--epochs=3", "--batch_size=4", "--save_every_steps=1",
             "--train_examples=64", "--image_size=8"]
-    runs = {name: str(tmp_path / name.replace(" ", "_")) for name in POINTS}
+    runs = {name: str(tmp_path / name.replace(" ", "_").replace(",", "")) for name in POINTS}
     processes = {
         name: subprocess.Popen(
             command("selfkd_tf.cli.train", *args, f"--model_dir={run_dir}"),
@@ -106,7 +110,7 @@ def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tmp_path):
     sent = {}
     threads = [
         threading.Thread(target=lambda n=name: sent.__setitem__(
-            n, _interrupt(processes[n], runs[n], POINTS[n])))
+            n, _interrupt(processes[n], runs[n], POINTS[n], SIGNALS[n])))
         for name in POINTS
     ]
     for thread in threads:
@@ -117,7 +121,7 @@ def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tmp_path):
     for name, process in processes.items():
         _, err = errors[name] = process.communicate(timeout=300)
         assert sent[name], f"{name}: the run ended before the point was reached"
-        assert process.returncode == 130, f"{name}: {err[-3000:]}"
+        assert process.returncode == 128 + SIGNALS[name], f"{name}: {err[-3000:]}"
         assert "Traceback" not in err, f"{name}: {err[-3000:]}"
         assert MESSAGE.match(last_line(err)), f"{name}: {last_line(err)}"
         leftovers = [n for n in os.listdir(runs[name]) if n.startswith(".")]
@@ -135,3 +139,30 @@ def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming" in result.stdout
     assert os.path.isfile(os.path.join(runs["writing"], "metrics.json"))
+
+
+def _loading_tensorflow(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "libtensorflow_framework" in maps.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the import")
+@pytest.mark.parametrize("script", ["selfkd-train", "selfkd-eval", "selfkd-export", "selfkd-tune"])
+def test_ctrl_c_while_tensorflow_is_imported_is_one_line_with_exit_130(script):
+    executable = os.path.join(os.path.dirname(sys.executable), script)
+    process = subprocess.Popen(
+        [executable, "--help"], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while (time.monotonic() < deadline and process.poll() is None
+           and not _loading_tensorflow(process.pid)):
+        time.sleep(0.001)
+    process.send_signal(signal.SIGINT)  # TensorFlow's libraries are loading
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert err.strip() == (
+        f"{script}: error: interrupted while starting; nothing was written"), err[-3000:]
+    assert out.strip() == ""

@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from selfkd_tf import report, runs as runs_lib
+from selfkd_tf import report, report_figures, runs as runs_lib
 from selfkd_tf.metrics import build_metrics_record, write_metrics_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -217,7 +217,7 @@ def test_write_report_outputs(runs_dir, tmp_path, caplog):
 
 def test_runs_without_timing_still_get_figure2(tmp_path):
     make_run(tmp_path / "run", methods=[], num_exits=1)
-    report.plot_figure2(load([str(tmp_path / "run")]),
+    report_figures.plot_figure2(load([str(tmp_path / "run")]),
                         str(tmp_path / "figure2.png"))
     assert_png(tmp_path / "figure2.png")
 
@@ -361,3 +361,162 @@ def test_the_report_command_does_not_load_tensorflow():
     code = ("import sys; import selfkd_tf.cli.report; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def write_train_record(path, *, methods, num_exits, seed=0):
+    """A training-split record beside a `make_run` run's metrics.json."""
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.integers(0, 10, size=200)
+    probs = [np.eye(10)[labels] * 0.9 + 0.01 for _ in range(num_exits)]
+    probs[0] = np.full((200, 10), 0.1)
+    record = build_metrics_record(probs, labels, dataset="cifar100", split="train",
+                                  arch="resnet18", methods=methods, params=1000,
+                                  epochs=3)
+    write_metrics_json(record, os.path.join(path, "metrics_train.json"))
+
+
+@pytest.fixture
+def two_studies(tmp_path):
+    """`s1/{baseline,pskd}_seed0`, with training records, and `mix`, holding
+    a run of its own."""
+    root = tmp_path / "x"
+    for name, methods, seed in [("s1/baseline_seed0", [], 0), ("s1/pskd_seed0", ["pskd"], 1),
+                                ("mix/pskd_seed2", ["pskd"], 2)]:
+        make_run(root / name, methods=methods, num_exits=2, seed=seed, width=1.0)
+        write_train_record(root / name, methods=methods, num_exits=2, seed=seed)
+    return root
+
+
+@pytest.mark.parametrize("flag, value, problem", [
+    # Every run would read one file: baseline_seed0's training accuracy.
+    ("train_metrics_file", "{root}/s1/baseline_seed0/metrics_train.json",
+     "a path, not a file name"),
+    ("train_metrics_file", "../baseline_seed0/metrics_train.json",
+     "a path, not a file name"),
+    ("train_metrics_file", ".", "a directory, not a file name"),
+    # The --runs folder itself would be a run holding another run's scores.
+    ("metrics_file", "{root}/s1/baseline_seed0/metrics.json", "a path, not a file name"),
+    ("metrics_file", "..", "a directory, not a file name"),
+    ("metrics_file", "", "empty"),
+    ("metrics_file", "metrics\n.json",
+     "not a file name (it holds a control character)"),
+])
+def test_cli_refuses_a_path_as_a_record_name(two_studies, tmp_path, flag, value, problem):
+    value = value.format(root=two_studies)
+    out = tmp_path / "report"
+    result = run_cli(f"--runs={two_studies}/mix", f"--{flag}={value}", f"--out={out}",
+                     cwd=two_studies / "mix" / "pskd_seed2")
+    shown = " ".join(value.split())  # one line
+    assert (result.returncode, result.stderr.splitlines(), result.stdout) == (2, [
+        f"selfkd-report: error: flag --{flag}={shown}: {problem}: give the name of "
+        "a file inside each run directory, so that every run reads its own record"], "")
+    assert not out.exists()
+
+
+def test_read_train_metrics_refuses_a_path(two_studies):
+    from selfkd_tf import seed_summary
+    runs = load([str(two_studies / "mix")])
+    path = str(two_studies / "s1" / "baseline_seed0" / "metrics_train.json")
+    for name in (path, "../baseline_seed0/metrics_train.json"):
+        with pytest.raises(ValueError, match="is a path, not a file name"):
+            seed_summary.read_train_metrics(runs, name)
+
+
+def test_cli_refuses_a_reported_record_of_another_run(two_studies, tmp_path):
+    baseline = two_studies / "s1" / "baseline_seed0"
+    # Methods in flags.json as older runs wrote them: a comma-separated string.
+    assert json.loads((baseline / "flags.json").read_text())["methods"] == ""
+    (baseline / "metrics.json").write_bytes(
+        (two_studies / "mix" / "pskd_seed2" / "metrics.json").read_bytes())
+    out = tmp_path / "report"
+    result = run_cli(f"--runs={two_studies}/s1", f"--out={out}", cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"selfkd-report: error: --metrics_file: {baseline}/metrics.json: methods "
+        "+PS-KD in the record, Baseline in the run's flags.json: the record is not "
+        "of this run's model (copied from another run, or written before the run "
+        "was trained again)"])
+    assert not out.exists()
+
+
+def write_history(path, rows):
+    """history.csv as runs write it: `NA` where an epoch was not evaluated."""
+    columns = ["epoch", "exit1_accuracy", "exit2_accuracy",
+               "val_exit1_accuracy", "val_exit2_accuracy"]
+    lines = [",".join(columns)] + [",".join(map(str, row)) for row in rows]
+    (path / "history.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("flags, scored", [
+    ({"validation_fraction": 0.0}, "test split"),
+    ({"validation_fraction": 0.1}, "validation split"),
+    ({"validation_fraction": 0.0, "eval_examples": 1000}, "test split (1000 examples)"),
+    (None, "evaluation split"),   # no flags.json: unknown
+])
+def test_curves_name_the_split_scored_while_training(tmp_path, flags, scored):
+    make_run(tmp_path / "run", methods=[], num_exits=2, epoch_times=[1, 1])
+    if flags is not None:
+        (tmp_path / "run" / "flags.json").write_text(json.dumps(
+            {"arch": "resnet18", "methods": [], "epochs": 3, "seed": 0, **flags}))
+    (run,) = load([str(tmp_path / "run")])
+    figure = report_figures.plot_curves(run, str(tmp_path / "curves.png"))
+    assert figure.axes[0].get_title().splitlines()[-1] == (
+        f"solid: {scored}; dashed: training batches")
+    assert_png(tmp_path / "curves.png")
+
+
+def test_curves_of_two_epochs_have_whole_epoch_ticks(tmp_path):
+    make_run(tmp_path / "run", methods=[], num_exits=2, epoch_times=[1, 1])
+    figure = report_figures.plot_curves(load([str(tmp_path / "run")])[0],
+                                        str(tmp_path / "curves.png"))
+    axes = figure.axes[0]
+    low, high = axes.get_xlim()
+    ticks = [t for t in axes.get_xticks() if low <= t <= high]
+    assert ticks == [1.0, 2.0]
+
+
+def test_curves_join_the_epochs_that_were_evaluated(tmp_path):
+    # Evaluated after epochs 1, 4 and 5 (--eval_every=4): the other rows
+    # have no evaluation, which drew no solid line at all.
+    make_run(tmp_path / "run", methods=[], num_exits=2)
+    write_history(tmp_path / "run", [
+        (1, 0.1, 0.2, 0.15, 0.25), (2, 0.2, 0.3, "NA", "NA"), (3, 0.3, 0.4, "NA", "NA"),
+        (4, 0.4, 0.5, 0.35, 0.45), (5, 0.5, 0.6, 0.4, 0.5)])
+    (run,) = load([str(tmp_path / "run")])
+    figure = report_figures.plot_curves(run, str(tmp_path / "curves.png"))
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    deepest = lines["Exit 2 (deepest)"]
+    assert deepest.get_xdata().tolist() == [1, 4, 5]
+    assert deepest.get_ydata().tolist() == pytest.approx([25, 45, 50])
+    assert deepest.get_marker() == "o"
+    train = lines["Exit 2 (deepest) (train)"]
+    assert train.get_xdata().tolist() == [1, 2, 3, 4, 5]
+    assert (train.get_linestyle(), train.get_marker()) == ("--", "None")
+
+
+def test_figures_name_the_scored_split(runs_dir, tmp_path):
+    root, _ = runs_dir
+    runs = load([str(root)])
+    figure = report_figures.plot_reliability(runs[0], str(tmp_path / "r.png"))
+    assert figure.axes[0].get_title().splitlines()[-1].startswith(
+        "deepest exit, test split, ECE = ")
+    figure = report_figures.plot_figure2(runs, str(tmp_path / "f.png"))
+    assert figure.axes[0].get_title().splitlines()[-1] == "cifar10 (test); cifar100 (test)"
+    assert ("errors on different data: not comparable (cifar10 (test); cifar100 (test))"
+            in figure.get_supxlabel())
+
+
+@pytest.mark.parametrize("metrics_file, command", [
+    # selfkd-eval writes metrics_<split>.json of the split asked for; --out
+    # alone would score the run's evaluation split under this name.
+    ("metrics_train.json", "--split=train"),
+    ("metrics_test.json", "--split=test"),
+    ("scores.json", "--out={run}/scores.json"),
+])
+def test_a_missing_record_is_skipped_with_a_command_that_writes_it(
+        tmp_path, metrics_file, command):
+    run = tmp_path / "run"
+    make_run(run, methods=[], num_exits=1)
+    found = runs_lib.load_runs([str(run)], metrics_file)
+    assert found.skipped == [runs_lib.SkippedRun(str(run), (
+        f"no {metrics_file} (selfkd-eval --model={run} {command.format(run=run)} "
+        "writes it)"))]

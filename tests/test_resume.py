@@ -1,6 +1,7 @@
 """Crash-safe resume: SIGKILL mid-epoch, rerun, and get the uninterrupted result."""
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -191,3 +192,21 @@ def test_resuming_on_changed_data_says_what_differs_and_writes_nothing(tmp_path)
     os.rmdir(root / "test" / "c")
     record = experiment.train(settings)
     assert record["num_examples"] == 2
+
+
+def test_more_examples_than_the_split_holds_is_the_same_run_only_if_it_used_them_all(tmp_path):
+    """``flags.json`` records the number of examples used (the whole split when
+    more were asked for), so asking again for more resumes only a run that
+    used the whole split."""
+    dataset = write_npz(tmp_path / "data.npz", n_train=16, n_test=8, size=8)
+    settings = TrainSettings(
+        dataset=dataset, arch="resnet18", width_multiplier=0.0625, num_stages=2,
+        epochs=1, batch_size=8, methods=("pskd",), train_examples=12,
+        model_dir=str(tmp_path / "run"))
+    experiment.train(settings)
+    before = snapshot(settings.model_dir)
+    with pytest.raises(SettingsError) as raised:
+        experiment.train(dataclasses.replace(settings, train_examples=1000))
+    assert raised.value.flag == "model_dir"
+    assert "(--train_examples: 12 -> 1000)" in raised.value.problem
+    assert snapshot(settings.model_dir) == before

@@ -200,10 +200,16 @@ def test_overwrite_removes_links_without_following_them(resumable, tmp_path):
     shutil.rmtree(_checkpoint_dir(resumable))
     os.symlink(outside, _checkpoint_dir(resumable))
     before = snapshot(outside)
+    # The earlier model's scores go with it; other files stay.
+    for name in ("metrics_test.json", "metrics_train.json", "early_exit_test.png", "notes.txt"):
+        _write(os.path.join(resumable.model_dir, name), b"{}")
     experiment.train(dataclasses.replace(resumable, overwrite=True))
     assert snapshot(outside) == before
     assert not os.path.islink(_checkpoint_dir(resumable))
     assert os.path.isfile(os.path.join(resumable.model_dir, "metrics.json"))
+    left = set(os.listdir(resumable.model_dir))
+    assert "notes.txt" in left and not left & {
+        "metrics_test.json", "metrics_train.json", "early_exit_test.png"}
 
 
 @pytest.mark.parametrize("content", [b"{", b'{"exits": []}', b"[]"])

@@ -5,15 +5,18 @@ write (flags.json, metrics_test.json, metrics_train.json, history.csv), with
 scores chosen so that every expected number is computed by hand.
 """
 
+import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from record_support import record
 from selfkd_tf import report, runs as runs_lib, seed_summary
 
 RECIPE = {
@@ -23,35 +26,21 @@ RECIPE = {
 }
 """flags.json of the base recipe (a subset of the trainer's fields)."""
 
-
-def record(split, exit_errors, *, nll=1.0, ensemble_error=None, num_examples=100,
-           dataset="cifar10"):
-    """A metrics record: per-exit top-1 errors, other scores derived from them."""
-    def scores(top1):
-        return {"top1_err": top1, "top5_err": top1 / 4, "nll": nll, "ece": top1 / 10,
-                "aurc": 2 * top1, "eaurc": top1}
-    exits = [{"exit": i, **scores(e)} for i, e in enumerate(exit_errors, start=1)]
-    ensemble = scores(exit_errors[-1] if ensemble_error is None else ensemble_error)
-    return {
-        "dataset": dataset, "split": split, "num_examples": num_examples,
-        "arch": "resnet18", "methods": [], "num_exits": len(exits),
-        "train_time_s": None, "train_time_per_epoch_s": None, "epochs": 2,
-        "params": 1000, "exits": exits, "ensemble": ensemble,
-        "reliability": {"edges": [0.0, 0.5, 1.0], "confidence": [0.3, 0.8],
-                        "accuracy": [0.25, 0.75], "count": [40, 60]},
-    }
+_RUN_NUMBER = itertools.count(1)
 
 
 def make_run(path, flags=None, test=None, train=None, **changes):
     """Writes a run directory: flags.json (`RECIPE` with `changes`) unless
     `flags` is False, metrics_test.json, metrics_train.json when given,
-    history.csv."""
+    history.csv. Runs without a `test` record get scores of their own (NLL
+    1.001, 1.002, ...), as real runs do."""
     os.makedirs(path)
     if flags is not False:
         flags = {**RECIPE, "model_dir": str(path), **changes}
         (path / "flags.json").write_text(json.dumps(flags))
-    (path / "metrics_test.json").write_text(
-        json.dumps(test or record("test", [40.0, 30.0])))
+    if test is None:
+        test = record("test", [40.0, 30.0], nll=1.0 + next(_RUN_NUMBER) / 1000)
+    (path / "metrics_test.json").write_text(json.dumps(test))
     if train is not None:
         (path / "metrics_train.json").write_text(json.dumps(train))
     (path / "history.csv").write_text(
@@ -147,12 +136,14 @@ def test_runs_differing_only_in_seed_and_safe_fields_are_one_recipe(tmp_path):
     groups = seed_summary.group_seeds(load(tmp_path))
     assert [(g.label, [r.name for r in g.runs], g.seeds) for g in groups] == [
         ("base", ["base_seed0", "base_seed1", "base_seed2"], [0, 1, 2]),
-        ("lr_seed0", ["lr_seed0"], [0]),
-        # An explicit subset_seed is part of the recipe (the training subset).
-        ("sub_seed0", ["sub_seed0"], [0]),
-        ("sub_seed1", ["sub_seed1"], [1]),
+        # One run is labelled as a recipe too, not by its run name.
+        ("lr", ["lr_seed0"], [0]),
+        # An explicit subset_seed is part of the recipe (the training subset);
+        # two recipes of one name are told apart by it.
+        ("sub (subset_seed=7)", ["sub_seed0"], [0]),
+        ("sub (subset_seed=8)", ["sub_seed1"], [1]),
         # A field missing from an older flags.json is a difference.
-        ("zolder_seed3", ["zolder_seed3"], [3]),
+        ("zolder", ["zolder_seed3"], [3]),
         # Without flags.json the recipe is unknown: a row each.
         ("zz_noflags_a", ["zz_noflags_a"], [None]),
         ("zz_noflags_b", ["zz_noflags_b"], [None]),
@@ -164,11 +155,11 @@ def test_repeats_scored_on_other_numbers_of_examples_are_kept_apart(tmp_path):
         make_run(tmp_path / f"base_seed{seed}", seed=seed)
     for seed in (2, 3):
         make_run(tmp_path / f"base_seed{seed}", seed=seed,
-                 test=record("test", [40.0, 30.0], num_examples=50))
+                 test=record("test", [40.0, 30.0 + seed], num_examples=50))
     groups = seed_summary.group_seeds(load(tmp_path))
-    # Both groups would be "base": each is labelled by its runs instead.
+    # Both groups would be "base": each says what sets it apart.
     assert [(g.label, g.n) for g in groups] == [
-        ("base_seed0, base_seed1", 2), ("base_seed2, base_seed3", 2)]
+        ("base (100 examples)", 2), ("base (50 examples)", 2)]
     text = report.summary_markdown(groups)
     assert "**Not comparable:** numbers of scored examples differ" in text
 
@@ -210,7 +201,7 @@ def test_summary_tables(study):
          "ECE (%)": "3.20 ± 0.20", "AURC (x1000)": "64.00 ± 4.00",
          "Train acc (%)": "97.00 ± 2.65", "Gap (points)": "29.00 ± 1.00"},
         # One run: values alone, no ±; no training record: n/a.
-        {"Recipe": "lr_seed0", "Model": "resnet18 (width 0.0625)", "Method": "Baseline",
+        {"Recipe": "lr", "Model": "resnet18 (width 0.0625)", "Method": "Baseline",
          "n": "1", "Seeds": "0", "Top-1 err (%)": "35.00", "Top-5 err (%)": "8.75",
          "NLL": "1.000", "ECE (%)": "3.50", "AURC (x1000)": "70.00",
          "Train acc (%)": "n/a", "Gap (points)": "n/a"},
@@ -219,14 +210,14 @@ def test_summary_tables(study):
                                  "Ensemble")} for row in table2] == [
         {"Recipe": "base", "Exit 1 (stage 1)": "48.00 ± 3.46",
          "Exit 2 (deepest)": "68.00 ± 2.00", "Ensemble": "70.00 ± 1.00"},
-        {"Recipe": "lr_seed0", "Exit 1 (stage 1)": "55.00",
+        {"Recipe": "lr", "Exit 1 (stage 1)": "55.00",
          "Exit 2 (deepest)": "65.00", "Ensemble": "65.00"},
     ]
     assert [list(row.values()) for row in per_run] == [
         ["base_seed0", "base", "0", "70.00", "99.00", "29.00"],
         ["base_seed1", "base", "1", "68.00", "98.00", "30.00"],
         ["base_seed2", "base", "2", "66.00", "94.00", "28.00"],
-        ["lr_seed0", "lr_seed0", "0", "65.00", "n/a", "n/a"],
+        ["lr_seed0", "lr", "0", "65.00", "n/a", "n/a"],
     ]
     assert "s = √(Σ(x − x̄)² / (n − 1))" in text
     assert "No metrics_train.json (n/a): lr_seed0." in text
@@ -257,7 +248,7 @@ def test_write_report_adds_summary_only_when_it_says_more(study, tmp_path):
     assert (repeated / "table2.md").read_text() == report.table2_markdown(runs)
     # One run with a training record: the summary is the only table of its gap.
     report.write_report(runs[:1], str(single), train_metrics_file="metrics_train.json")
-    assert "| base_seed0 | base_seed0 | 0 | 70.00 | 99.00 | 29.00 |" in (
+    assert "| base_seed0 | base | 0 | 70.00 | 99.00 | 29.00 |" in (
         single / "summary.md").read_text()
 
 
@@ -274,16 +265,30 @@ def test_cli_writes_the_summary_with_training_accuracy(study, tmp_path):
         "base", "32.00 ± 2.00", "29.00 ± 1.00")
 
 
+NOT_THIS_MODEL = ("the record is not of this run's model (copied from another run, "
+                  "or written before the run was trained again)")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda train: {**train, "split": "test"},
-     "split is 'test', not 'train' (selfkd-eval --model={run} --split=train "
-     "--out={run}/metrics_train.json writes the training-split record)"),
+     "split is 'test', not 'train'; selfkd-eval --model={run} --split=train "
+     "writes the training-split record as {run}/metrics_train.json"),
     (lambda train: {**train, "dataset": "cifar100"},
-     "data set cifar100, 2 exit(s); the run's reported scores: data set "
-     "cifar10, 2 exit(s)"),
+     "data set cifar100; the run's reported scores: data set cifar10"),
     (lambda train: {**train, "exits": train["exits"][1:]},
-     "data set cifar10, 1 exit(s); the run's reported scores: data set "
-     "cifar10, 2 exit(s)"),
+     "num_exits 1 in the record, 2 in the run's reported scores: " + NOT_THIS_MODEL),
+    # A baseline's record copied into a run of the full method.
+    (lambda train: {**train, "methods": ["dmfl", "byot", "pskd"]},
+     "methods +PS-KD+BYOT+DMFL in the record, Baseline in the run's flags.json: "
+     + NOT_THIS_MODEL),
+    (lambda train: {**train, "arch": "resnet34"},
+     "arch resnet34 in the record, resnet18 in the run's flags.json: " + NOT_THIS_MODEL),
+    # A record of the run before it was trained for longer.
+    (lambda train: {**train, "epochs": 1},
+     "epochs 1 in the record, 2 in the run's flags.json: " + NOT_THIS_MODEL),
+    # Another width: flags.json and the record say the same but the size.
+    (lambda train: {**train, "params": 4000},
+     "params 4000 in the record, 1000 in the run's reported scores: " + NOT_THIS_MODEL),
 ])
 def test_an_unusable_training_record_is_refused_and_nothing_written(
         study, tmp_path, change, message):
@@ -330,3 +335,129 @@ def test_the_summary_loads_no_tensorflow():
     code = ("import sys; import selfkd_tf.seed_summary, selfkd_tf.report; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_run_reported_twice_is_refused_not_counted_as_two_seeds(study, tmp_path):
+    # Copies of runs (docs keep some under docs/results/.../runs/) given next
+    # to the runs themselves: before, one recipe with n=5, "Seeds 0, 1, 2,
+    # 0, 1" and a shrunken standard deviation.
+    mix = tmp_path / "mix"
+    for name in ("base_seed0", "base_seed1"):
+        shutil.copytree(study / name, mix / name)
+    runs = runs_lib.load_runs([str(study), str(mix)], "metrics_test.json").runs
+    expected = (f"{study / 'base_seed0'} and {mix / 'base_seed0'} are runs of one "
+                "recipe with one seed (0): the same run twice (a copy of its "
+                "directory?); a mean ± std needs independent seeds: report one of them")
+    with pytest.raises(seed_summary.RepeatedRunError) as error:
+        seed_summary.group_seeds(runs)
+    assert str(error.value) == expected
+    out = tmp_path / "report"
+    # With training records too, the run is named as repeated (not its
+    # training record as held by two runs).
+    for train in ([], ["--train_metrics_file=metrics_train.json"]):
+        result = report_cli(f"--runs={study},{mix}", "--metrics_file=metrics_test.json",
+                            *train, f"--out={out}", cwd=tmp_path)
+        assert (result.returncode, result.stderr.splitlines(), result.stdout) == (
+            2, [f"selfkd-report: error: --runs: {expected}"], "")
+        assert not out.exists()
+
+
+def test_two_runs_of_one_seed_are_refused_even_with_other_scores(study):
+    # A rerun of seed 0 (another directory name, other scores): not a new seed.
+    make_run(study / "base_again", seed=0, test=record("test", [45.0, 31.0]))
+    with pytest.raises(seed_summary.RepeatedRunError,
+                       match=f"^{study / 'base_again'} and {study / 'base_seed0'} "
+                             r"are runs of one recipe with one seed \(0\)"):
+        seed_summary.group_seeds(load(study))
+
+
+def test_a_reported_record_copied_into_another_run_is_refused(study, tmp_path):
+    # The same architecture, methods and epochs: only the scores give it away.
+    shutil.copy(study / "base_seed0" / "metrics_test.json", study / "lr_seed0")
+    expected = (f"{study / 'base_seed0'} and {study / 'lr_seed0'} report the very "
+                "same scores: one run twice, or a record copied from one run "
+                "directory into the other; report each run once, with its own record")
+    with pytest.raises(seed_summary.RepeatedRunError) as error:
+        report.write_report(load(study), str(tmp_path / "report"))
+    assert str(error.value) == expected
+    result = report_cli(f"--runs={study}", "--metrics_file=metrics_test.json",
+                        f"--out={tmp_path / 'report'}", cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (
+        2, [f"selfkd-report: error: --runs: {expected}"])
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_training_record_copied_from_another_seed_is_refused(study, tmp_path):
+    # Seeds of one recipe: every field of the record matches the run's flags.
+    source = study / "base_seed0" / "metrics_train.json"
+    shutil.copy(source, study / "base_seed2")
+    expected = (f"{study / 'base_seed2' / 'metrics_train.json'}: the very same "
+                f"scores as {source}: a record copied from one run directory "
+                "into the other; give each run its own")
+    with pytest.raises(runs_lib.RunDataError) as error:
+        seed_summary.read_train_metrics(load(study), "metrics_train.json")
+    assert str(error.value) == expected
+    result = report_cli(f"--runs={study}", "--metrics_file=metrics_test.json",
+                        "--train_metrics_file=metrics_train.json",
+                        f"--out={tmp_path / 'report'}", cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (
+        2, [f"selfkd-report: error: --train_metrics_file: {expected}"])
+
+
+def test_a_baseline_training_record_in_a_full_method_run_is_refused(tmp_path):
+    full = ["pskd", "byot", "dmfl"]
+    make_run(tmp_path / "baseline_seed0",
+             train=record("train", [90.0, 5.0], num_examples=500))
+    make_run(tmp_path / "full_seed0", methods=full,
+             test={**record("test", [35.0, 25.0]), "methods": full})
+    shutil.copy(tmp_path / "baseline_seed0" / "metrics_train.json", tmp_path / "full_seed0")
+    result = report_cli(f"--runs={tmp_path}", "--metrics_file=metrics_test.json",
+                        "--train_metrics_file=metrics_train.json",
+                        f"--out={tmp_path / 'report'}", cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"selfkd-report: error: --train_metrics_file: "
+        f"{tmp_path / 'full_seed0' / 'metrics_train.json'}: methods Baseline in the "
+        "record, +PS-KD+BYOT+DMFL in the run's flags.json: " + NOT_THIS_MODEL])
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_test_record_given_as_training_record_gets_a_hint_that_keeps_it(
+        study, tmp_path):
+    result = report_cli(f"--runs={study}", "--metrics_file=metrics_test.json",
+                        "--train_metrics_file=metrics_test.json",
+                        f"--out={tmp_path / 'report'}", cwd=tmp_path)
+    run = study / "base_seed0"
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"selfkd-report: error: --train_metrics_file: {run}/metrics_test.json: "
+        f"split is 'test', not 'train'; selfkd-eval --model={run} --split=train "
+        f"writes the training-split record as {run}/metrics_train.json"])
+    # Following the hint must not overwrite the test record.
+    hint = result.stderr.partition("; ")[2]
+    assert "metrics_test.json" not in hint and "--out" not in hint
+
+
+def test_recipes_are_labelled_by_their_common_name(tmp_path):
+    make_run(tmp_path / "baseline_seed0")
+    make_run(tmp_path / "byot" / "seed0", methods=["byot"])
+    make_run(tmp_path / "byot" / "seed1", methods=["byot"], seed=1)
+    make_run(tmp_path / "dmfl_rerun_seed1", methods=["dmfl"], seed=1)
+    make_run(tmp_path / "dmfl_seed0", methods=["dmfl"])
+    make_run(tmp_path / "pskd_seed0", methods=["pskd"])
+    make_run(tmp_path / "pskd_seed1", methods=["pskd"], seed=1)
+    make_run(tmp_path / "pskd_seed2", methods=["pskd"], seed=2, lr=0.05)
+    groups = seed_summary.group_seeds(load(tmp_path))
+    assert [(g.label, [r.name for r in g.runs]) for g in groups] == [
+        # A lone run is labelled like a recipe of several seeds.
+        ("baseline", ["baseline_seed0"]),
+        # Runs named by their seed alone: their directory names the recipe.
+        ("byot", ["seed0", "seed1"]),
+        ("dmfl", ["dmfl_rerun_seed1", "dmfl_seed0"]),
+        # Two recipes of one name: told apart by the flag that differs.
+        ("pskd (lr=0.1)", ["pskd_seed0", "pskd_seed1"]),
+        ("pskd (lr=0.05)", ["pskd_seed2"]),
+    ]
+    rows = tables(report.summary_markdown(groups))[
+        "Table 1 over seeds: deepest classifier, cifar10 (test)"]
+    assert [(row["Recipe"], row["n"], row["Seeds"]) for row in rows] == [
+        ("baseline", "1", "0"), ("byot", "2", "0, 1"), ("dmfl", "2", "1, 0"),
+        ("pskd (lr=0.1)", "2", "0, 1"), ("pskd (lr=0.05)", "1", "2")]

@@ -274,3 +274,20 @@ def test_flagfile_reads_back_to_the_same_settings(tmp_path):
     train_flags.define_train_flags(flag_values)
     flag_values(["selfkd-train", f"--flagfile={path}"])
     assert train_flags.settings_from_flags(flag_values) == settings
+
+
+@pytest.mark.parametrize("tune_overrides, flag, value", [
+    # Trials that would train to NaN, or stop in an OverflowError traceback (T^2).
+    ({"lr_range": (0.01, 1e39)}, "lr_range", "--lr=1e+39"),
+    ({"temperature_choices": (3.0, 1e308)}, "temperature_choices", "--temperature=1e+308"),
+    ({"weight_decay_range": (1e-46, 1e-3)}, "weight_decay_range", "--weight_decay=1e-46"),
+])
+def test_a_search_reaching_a_value_training_refuses_is_refused(tune_overrides, flag, value):
+    settings = TrainSettings(dataset="npz:/data.npz", validation_fraction=0.1)
+    options = TuneSettings(**tune_overrides)
+    options.validate(settings)  # within what the search alone checks
+    with pytest.raises(SettingsError) as error:
+        tune_cli.check_search_values(settings, options)
+    assert error.value.flag == flag
+    assert error.value.problem.startswith(f"includes {value}, which selfkd-train refuses (")
+    tune_cli.check_search_values(settings, TuneSettings())

@@ -16,13 +16,15 @@ everything a real epoch pays per step (Keras's loop, callbacks, metrics):
   alone (augmentation and normalization, no model).
 
 The models read a few fixed synthetic batches, so their step times exclude
-the input pipeline, which is timed on its own. With ``--rounds`` above 1 the
-configurations are timed round-robin, ``--steps`` steps each per round, so a
-change of the machine's load during the run affects all of them alike.
+the input pipeline, which is timed on its own (`tools/step_timing.py` builds
+and times the models). With ``--rounds`` above 1 the configurations are
+timed round-robin, ``--steps`` steps each per round, so a change of the
+machine's load during the run affects all of them alike.
 Reported per configuration: the median step time, images/s, and the peak
 memory (on GPU TensorFlow's peak allocation; on CPU the peak resident set
 size of the process during the configuration's first run minus the size
-before it was built).
+before it was built). ``--out_json`` and ``--out_md`` are written once every
+configuration is timed, whole.
 
 Example:
 
@@ -33,12 +35,10 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import platform
 import resource
@@ -49,84 +49,50 @@ import tempfile
 import threading
 import time
 
-import keras
-import numpy as np
-import tensorflow as tf
+import tool_cli  # first: quiets TensorFlow's start-up logging
 
-from selfkd_tf import losses
-from selfkd_tf.data import make_datasets
-from selfkd_tf.distribute import PRECISIONS, set_mixed_precision
-from selfkd_tf.models import ARCHITECTURES, build_multi_exit_resnet
-from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-METHOD_COMBINATIONS = (
-    "baseline", "byot", "dmfl", "pskd",
-    "pskd+byot", "pskd+dmfl", "byot+dmfl", "pskd+byot+dmfl",
-)
+import step_timing  # noqa: E402
+from selfkd_tf.data import make_datasets  # noqa: E402
+from selfkd_tf.distribute import PRECISIONS, set_mixed_precision  # noqa: E402
+from selfkd_tf.settings import SettingsError, as_settings_error  # noqa: E402
+from step_timing import (  # noqa: E402
+    FULL_METHOD, METHOD_COMBINATIONS, build_model, synthetic_batches, time_steps)
+
+PROGRAM = "benchmark.py"
 CONFIGURATIONS = METHOD_COMBINATIONS + ("backbone", "pipeline")
-FULL_METHOD = "pskd+byot+dmfl"
 XLA_MODES = {"none": (False,), "on": (True,), "both": (False, True)}
-_SYNTHETIC_BATCHES = 4
 _SYNTHETIC_PIPELINE_IMAGES = 10_000
 
+step_timing.define_flags(width_multiplier=1.0, batch_size_help="Training batch size.")
+flags.DEFINE_integer("steps", 5, "Timed steps per round.", lower_bound=1)
+flags.DEFINE_integer("warmup", 2, "Untimed steps first.", lower_bound=0)
+flags.DEFINE_integer("rounds", 1, "Round-robin passes over the configurations.",
+                     lower_bound=1)
+flags.DEFINE_enum("xla", "none", list(XLA_MODES),
+                  "Compile the train step with XLA: none, on, or both (every "
+                  "configuration timed without and with).")
+flags.DEFINE_list(
+    "combinations", ["all"], "The configurations timed, comma-separated, from: "
+    f"{', '.join(CONFIGURATIONS)}; or all.")
+flags.DEFINE_enum("mixed_precision", "none", PRECISIONS, "Mixed-precision policy.")
+flags.DEFINE_string(
+    "dataset", None, "Dataset string for the pipeline timing (as selfkd-train "
+    "--dataset); default: synthetic CIFAR-shaped images.")
+flags.DEFINE_string("out_json", None, "Write the report (settings, every step time, "
+                    "ratios) to this JSON file.")
+flags.DEFINE_string("out_md", None, "Write the report's table to this Markdown file.")
+flags.adopt_module_key_flags(step_timing)  # --help lists them
+FLAGS = flags.FLAGS
 
-class PlainBackbone(keras.Model):
-    """A single-exit network trained with cross-entropy and coupled L2 decay.
-
-    The reference point for the cost of the exit heads and the
-    self-distillation terms: its `train_step` follows `SelfKDModel`'s step
-    by step (global-batch loss, weight decay divided among replicas,
-    ``optimizer.scale_loss`` / ``optimizer.apply``, loss and accuracy
-    metrics), minus everything specific to the multi-exit objective.
-
-    Example:
-
-    ```python
-    network = build_multi_exit_resnet("resnet18", 100)
-    plain = PlainBackbone(keras.Model(network.input, network.output["logits"][-1]))
-    plain.compile(optimizer=make_optimizer())
-    ```
-    """
-
-    def __init__(self, network: keras.Model, weight_decay: float = 5e-4, **kwargs):
-        super().__init__(**kwargs)
-        self.network = network
-        self.weight_decay = weight_decay
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-
-    @property
-    def metrics(self):
-        return [self.loss_tracker, self.accuracy]
-
-    def call(self, inputs, training=None):
-        images = inputs["image"] if isinstance(inputs, dict) else inputs
-        return self.network(images, training=training)
-
-    def train_step(self, data):
-        x, labels = data
-        context = tf.distribute.get_replica_context()
-        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch_size = context.all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(labels)[0], tf.float32)
-        )
-        with tf.GradientTape() as tape:
-            logits = tf.cast(self(x, training=True), tf.float32)
-            loss = tf.reduce_sum(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-            ) / global_batch_size
-            objective = loss + (0.5 * self.weight_decay / num_replicas) * tf.add_n(
-                [tf.reduce_sum(tf.square(v)) for v in self.trainable_variables]
-            )
-            scaled = self.optimizer.scale_loss(objective)
-        gradients = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        self.loss_tracker.update_state(loss * num_replicas)
-        self.accuracy.update_state(labels, tf.nn.softmax(logits))
-        logs = {m.name: m.result() for m in self.metrics}
-        logs["lr"] = tf.convert_to_tensor(self.optimizer.learning_rate)
-        return logs
+# The settings recorded in the report, in the order of --help.
+_SETTINGS = ("arch", "width_multiplier", "batch_size", "steps", "warmup", "rounds",
+             "xla", "combinations", "num_classes", "image_size", "num_train_examples",
+             "weight_decay", "mixed_precision", "dataset")
 
 
 @dataclasses.dataclass
@@ -153,22 +119,6 @@ class Measurement:
             "warmup_s": self.warmup_s,
             "peak_memory_mb": self.peak_memory_mb,
         }
-
-
-class _StepTimer(keras.callbacks.Callback):
-    """Records the wall time of every training step."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        # Reading a log value makes sure the step has finished on the device.
-        float(logs["loss"])
-        self.times.append(time.perf_counter() - self._start)
 
 
 class _PeakMemory:
@@ -227,49 +177,6 @@ def _resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def synthetic_batches(args) -> tf.data.Dataset:
-    """A few fixed random batches, repeated forever, in the model's format."""
-    rng = np.random.default_rng(0)
-    shape = (_SYNTHETIC_BATCHES, args.batch_size, args.image_size, args.image_size, 3)
-    images = rng.normal(size=shape).astype("float32")
-    index = rng.choice(
-        args.num_train_examples, size=shape[:2], replace=False
-    ).astype("int32")
-    labels = rng.integers(0, args.num_classes, size=shape[:2]).astype("int32")
-    ds = tf.data.Dataset.from_tensor_slices(({"image": images, "index": index}, labels))
-    return ds.repeat().prefetch(2)
-
-
-def build_model(configuration: str, xla: bool, args) -> keras.Model:
-    """A compiled model for one configuration (not ``pipeline``)."""
-    keras.utils.set_random_seed(0)
-    network = build_multi_exit_resnet(
-        args.arch, args.num_classes,
-        input_shape=(args.image_size, args.image_size, 3),
-        width_multiplier=args.width_multiplier,
-    )
-    if configuration == "backbone":
-        model = PlainBackbone(
-            keras.Model(network.input, network.output["logits"][-1]),
-            weight_decay=args.weight_decay,
-        )
-    else:
-        methods = () if configuration == "baseline" else configuration.split("+")
-        model = SelfKDModel(
-            network, num_train_examples=args.num_train_examples,
-            config=losses.SelfKDConfig(methods=methods),
-            weight_decay=args.weight_decay,
-        )
-    model.compile(optimizer=make_optimizer(schedule="constant"), jit_compile=xla)
-    return model
-
-
-def time_steps(model: keras.Model, data: tf.data.Dataset, steps: int) -> list[float]:
-    timer = _StepTimer()
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    return timer.times
-
-
 def benchmark_models(args, configurations: list[str]) -> list[Measurement]:
     """Warms up every (configuration, XLA) pair, then times them round-robin."""
     data = synthetic_batches(args)
@@ -306,7 +213,8 @@ def benchmark_pipeline(args) -> Measurement:
         measurement = Measurement("pipeline", None)
         start = time.perf_counter()
         with _PeakMemory(_resident_bytes()) as memory:
-            train, _, _ = make_datasets(dataset, batch_size=args.batch_size)
+            with as_settings_error():  # e.g. --dataset's files do not decode
+                train, _, _ = make_datasets(dataset, batch_size=args.batch_size)
             batches = iter(train.repeat())
             for _ in range(args.warmup):
                 next(batches)
@@ -397,56 +305,54 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
-    parser.add_argument("--width_multiplier", type=float, default=1.0)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="round-robin passes over the configurations")
-    parser.add_argument("--xla", default="none", choices=tuple(XLA_MODES))
-    parser.add_argument(
-        "--combinations", default="all",
-        help="comma-separated subset of: " + ", ".join(CONFIGURATIONS),
-    )
-    parser.add_argument("--num_classes", type=int, default=100)
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--num_train_examples", type=int, default=50_000,
-                        help="rows of the PS-KD table")
-    parser.add_argument("--weight_decay", type=float, default=5e-4)
-    parser.add_argument("--mixed_precision", default="none", choices=PRECISIONS)
-    parser.add_argument("--dataset", default=None,
-                        help="dataset string for the pipeline timing "
-                             "(default: synthetic CIFAR-shaped images)")
-    parser.add_argument("--out_json", default=None)
-    parser.add_argument("--out_md", default=None)
-    args = parser.parse_args(argv)
-    args.combinations = (
-        list(CONFIGURATIONS) if args.combinations == "all"
-        else [c.strip() for c in args.combinations.split(",") if c.strip()]
-    )
-    unknown = sorted(set(args.combinations) - set(CONFIGURATIONS))
+
+def configurations(names: list[str]) -> list[str]:
+    """The configurations ``--combinations`` names, in its order.
+
+    Raises:
+        SettingsError: a name is unknown or repeated, or there is none.
+    """
+    names = [name for name in names if name]
+    if names == ["all"]:
+        return list(CONFIGURATIONS)
+    if "all" in names:
+        raise SettingsError("combinations", "all names every configuration; give it alone")
+    unknown = [name for name in names if name not in CONFIGURATIONS]
     if unknown:
-        parser.error(f"--combinations: unknown {unknown}; allowed: {', '.join(CONFIGURATIONS)}")
-    for name in ("batch_size", "steps", "warmup", "rounds"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            parser.error(f"--{name}: got {getattr(args, name)}")
-    return args
+        raise SettingsError("combinations", f"unknown {unknown}; allowed: all, or "
+                            f"a comma-separated subset of {', '.join(CONFIGURATIONS)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SettingsError("combinations", f"{', '.join(repeated)} named twice")
+    if not names:
+        raise SettingsError("combinations", "empty; name configurations, or all")
+    return names
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    set_mixed_precision(args.mixed_precision)
-    models = [c for c in args.combinations if c != "pipeline"]
-    measurements = benchmark_models(args, models) if models else []
-    if "pipeline" in args.combinations:
-        measurements.append(benchmark_pipeline(args))
-    results = [m.summary(args.batch_size) for m in measurements]
+def check_outputs() -> None:
+    """Refuses ``--out_json`` and ``--out_md`` unless both can be written, apart."""
+    for flag in ("out_json", "out_md"):
+        tool_cli.check_output_file(flag, FLAGS[flag].value)
+    if (FLAGS.out_json and FLAGS.out_md
+            and os.path.realpath(FLAGS.out_json) == os.path.realpath(FLAGS.out_md)):
+        raise SettingsError("out_md", f"{FLAGS.out_md} is --out_json too; give two files")
+
+
+def main(argv: list[str]) -> int:
+    del argv  # tool_cli.run rejects positional arguments
+    timed = configurations(FLAGS.combinations)
+    if FLAGS.dataset is not None:
+        if "pipeline" not in timed:
+            raise SettingsError("dataset", "only the pipeline configuration reads it; "
+                                "add pipeline to --combinations")
+        tool_cli.check_dataset("dataset", FLAGS.dataset)
+    check_outputs()
+    set_mixed_precision(FLAGS.mixed_precision)
+    models = [c for c in timed if c != "pipeline"]
+    measurements = benchmark_models(FLAGS, models) if models else []
+    if "pipeline" in timed:
+        measurements.append(benchmark_pipeline(FLAGS))
+    results = [m.summary(FLAGS.batch_size) for m in measurements]
     report = {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -456,21 +362,20 @@ def main(argv: list[str] | None = None) -> dict:
             "python": platform.python_version(),
             "machine": f"{os.cpu_count()} CPU cores, "
                        f"{len(tf.config.list_physical_devices('GPU'))} GPUs",
-            **{k: v for k, v in vars(args).items() if k not in ("out_json", "out_md")},
+            **{name: FLAGS[name].value for name in _SETTINGS},
+            "combinations": timed,
         },
         "results": results,
         "ratios": ratios(results),
     }
     text = markdown(report)
     print(text)
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(text)
-    return report
+    if FLAGS.out_json:
+        tool_cli.write_json(FLAGS.out_json, report)
+    if FLAGS.out_md:
+        tool_cli.write_text(FLAGS.out_md, text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    tool_cli.run(main, PROGRAM)

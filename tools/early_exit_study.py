@@ -11,7 +11,9 @@ cascade, the cascade's mean FLOPs per image against the deepest exit served
 alone, the share of images each exit answered, and the latency per image of
 the two SavedModels (``selfkd-export`` of the deepest exit and of the cascade,
 loaded with `tf.saved_model.load`, fed raw float32 pixels) at batch 1 and 64
-(`selfkd_tf.early_exit.time_per_image`).
+(`selfkd_tf.early_exit.time_per_image`). ``--out`` receives the two
+SavedModels (``deepest``, ``cascade``) and ``early_exit_study.json``, each
+written whole, the JSON last.
 
 Example:
 
@@ -21,16 +23,36 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-import numpy as np
-import tensorflow as tf
+import tool_cli  # first: quiets TensorFlow's start-up logging
 
-from selfkd_tf import early_exit, export
-from selfkd_tf.metrics import write_metrics_json
-from selfkd_tf.evaluation import evaluation_data, load_trained_model, predict_exit_probabilities
+from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from selfkd_tf import early_exit, export  # noqa: E402
+from selfkd_tf.evaluation import (  # noqa: E402
+    evaluation_data, load_trained_model, predict_exit_probabilities)
+from selfkd_tf.settings import SettingsError  # noqa: E402
+
+PROGRAM = "early_exit_study.py"
+EXPORTS = ("deepest", "cascade")
+RESULT_FILE = "early_exit_study.json"
+
+flags.DEFINE_string("model", None, "A run directory or .keras file.")
+flags.DEFINE_string("out", None, "Directory for the exports and JSON.")
+flags.DEFINE_float("max_accuracy_drop", 0.5, "Points of accuracy on the selection half "
+                   "the cascade may lose against the deepest exit; >= 0.")
+tool_cli.register_finite("max_accuracy_drop", 0)
+flags.DEFINE_integer("seed", 0, "Seed of the halves.", lower_bound=0)
+flags.DEFINE_integer("latency_examples", 256, "Report-half images the latency is "
+                     "timed on.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Timed passes over them per SavedModel and batch size.",
+                     lower_bound=1)
+flags.mark_flags_as_required(["model", "out"])
+FLAGS = flags.FLAGS
 
 # The selection sweep runs on stored probabilities only, so it can be fine.
 SELECTION_THRESHOLDS = (*np.round(np.arange(0.0, 1.0, 0.005), 3).tolist(),
@@ -48,22 +70,35 @@ def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="A run directory or .keras file.")
-    parser.add_argument("--out", required=True, help="Directory for the exports and JSON.")
-    parser.add_argument("--max_accuracy_drop", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the halves.")
-    parser.add_argument("--latency_examples", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def output_paths(out: str, model: str) -> dict[str, str]:
+    """The SavedModel directories under ``out``, by name, and the JSON file's (``"json"``).
 
-    trained = load_trained_model(args.model)
+    Raises:
+        SettingsError: one of them cannot be written (``out`` lies under a
+            file, holds other files where an export goes, contains
+            ``model``, ...).
+    """
+    paths = {name: os.path.join(out, name) for name in EXPORTS}
+    kind = "run directory" if os.path.isdir(model) else "file"
+    try:
+        for path in paths.values():
+            export.check_export_path(path, overwrite=True, keep={f"the model's {kind}": model})
+    except ValueError as err:
+        raise SettingsError("out", str(err).partition(": ")[2]) from err
+    paths["json"] = os.path.join(out, RESULT_FILE)
+    tool_cli.check_output_file("out", paths["json"])
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    del argv  # tool_cli.run rejects positional arguments
+    paths = output_paths(FLAGS.out, FLAGS.model)
+    trained = load_trained_model(FLAGS.model)
     model = trained.model
     test_ds, info = evaluation_data(trained, split="test")
     exit_probs, labels = predict_exit_probabilities(model, test_ds)
     images = np.concatenate([x["image"].numpy() for x, _ in test_ds])
-    selection, report = stratified_halves(labels, args.seed)
+    selection, report = stratified_halves(labels, FLAGS.seed)
     costs = export.exit_costs(model.backbone)
 
     def curve_of(rows, thresholds):
@@ -71,42 +106,42 @@ def main() -> None:
                                            costs, thresholds)
 
     chosen = early_exit.select_threshold(curve_of(selection, SELECTION_THRESHOLDS),
-                                         max_accuracy_drop=args.max_accuracy_drop)
+                                         max_accuracy_drop=FLAGS.max_accuracy_drop)
     if chosen is None:
-        raise SystemExit(
-            f"early_exit_study: no threshold keeps the selection half within "
-            f"{args.max_accuracy_drop} points of the deepest exit at less cost; "
-            "serve the deepest exit")
+        raise tool_cli.ToolError(
+            f"no threshold keeps the selection half within {FLAGS.max_accuracy_drop} "
+            "points of the deepest exit at less cost; serve the deepest exit")
     reported = curve_of(report, [chosen["threshold"]])
 
     # Raw pixels of the report half, as a client would send them.
     std, mean = np.float32(model.input_std), np.float32(model.input_mean)
-    pixels = np.round((images[report] * std + mean) * 255)[: args.latency_examples]
-    paths = {name: os.path.join(args.out, name) for name in ("deepest", "cascade")}
-    export.export_saved_model(model, paths["deepest"], overwrite=True,
-                              class_names=info.class_names)
-    export.export_saved_model(model, paths["cascade"], exit="cascade", overwrite=True,
-                              threshold=chosen["threshold"], class_names=info.class_names)
-    served = {name: tf.saved_model.load(path) for name, path in paths.items()}
+    pixels = np.round((images[report] * std + mean) * 255)[: FLAGS.latency_examples]
+    with tool_cli.writing(FLAGS.out):  # e.g. a full disk; an export leaves nothing
+        export.export_saved_model(model, paths["deepest"], overwrite=True,
+                                  class_names=info.class_names)
+        export.export_saved_model(model, paths["cascade"], exit="cascade", overwrite=True,
+                                  threshold=chosen["threshold"], class_names=info.class_names)
+    served = {name: tf.saved_model.load(paths[name]) for name in EXPORTS}
     latency = early_exit.time_per_image(
         [lambda x, s=s: s.serve(tf.constant(x, tf.float32)) for s in served.values()],
-        pixels.astype(np.float32), rounds=args.rounds)
+        pixels.astype(np.float32), rounds=FLAGS.rounds)
 
     result = {
-        "model": trained.path, "dataset": info.name, "seed": args.seed,
+        "model": trained.path, "dataset": info.name, "seed": FLAGS.seed,
         "selection_examples": len(selection), "report_examples": len(report),
-        "max_accuracy_drop": args.max_accuracy_drop,
+        "max_accuracy_drop": FLAGS.max_accuracy_drop,
         "threshold": chosen["threshold"],
         "selection": {"cascade_accuracy": chosen["accuracy"],
-                      "deepest_accuracy": chosen["required_accuracy"] + args.max_accuracy_drop},
+                      "deepest_accuracy": chosen["required_accuracy"] + FLAGS.max_accuracy_drop},
         "report": {"deepest": reported["exits"][-1], "exits": reported["exits"],
                    "cascade": reported["cascade"][0]},
-        "latency_ms": dict(zip(paths, latency)),
-        "latency_examples": len(pixels), "rounds": args.rounds,
+        "latency_ms": dict(zip(EXPORTS, latency)),
+        "latency_examples": len(pixels), "rounds": FLAGS.rounds,
     }
-    write_metrics_json(result, os.path.join(args.out, "early_exit_study.json"))
+    tool_cli.write_json(paths["json"], result)
     print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    tool_cli.run(main, PROGRAM)

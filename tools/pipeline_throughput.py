@@ -11,43 +11,58 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-import keras
-import tensorflow as tf
+import tool_cli  # first: quiets TensorFlow's start-up logging
 
-from selfkd_tf.data import make_datasets
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from selfkd_tf.data import make_datasets  # noqa: E402
+from selfkd_tf.settings import SettingsError, as_settings_error  # noqa: E402
+
+PROGRAM = "pipeline_throughput.py"
+
+flags.DEFINE_string("dataset", None, "Dataset string (as selfkd-train --dataset), "
+                    "e.g. folder:PATH.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
+flags.DEFINE_integer("epochs", 5, "Timed epochs, after one untimed.", lower_bound=1)
+flags.DEFINE_bool("augment", True, "Augment the images, as in training; --noaugment "
+                  "(or --no-augment) times the pipeline without augmentation.")
+flags.DEFINE_bool("no-augment", False, "Same as --noaugment.")
+# The names of earlier versions of this tool.
+flags.DEFINE_alias("data-dir", "data_dir")
+flags.DEFINE_alias("batch-size", "batch_size")
+flags.mark_flag_as_required("dataset")
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dataset", required=True, help="dataset string, e.g. folder:PATH"
-    )
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=5, help="timed epochs")
-    parser.add_argument("--no-augment", dest="augment", action="store_false")
-    args = parser.parse_args(argv)
-
+def main(argv: list[str]) -> int:
+    del argv  # tool_cli.run rejects positional arguments
+    if FLAGS["no-augment"].value and FLAGS["augment"].present and FLAGS.augment:
+        raise SettingsError("no-augment", "contradicts --augment; give one of them")
+    augment = FLAGS.augment and not FLAGS["no-augment"].value
+    tool_cli.check_dataset("dataset", FLAGS.dataset)
     start = time.perf_counter()
     # One untimed epoch first: it traces the pipeline and fills its buffers.
-    train, _, info = make_datasets(
-        args.dataset,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        augment=args.augment,
-        epochs=args.epochs + 1,
-    )
+    with as_settings_error():  # e.g. files that do not decode
+        train, _, info = make_datasets(
+            FLAGS.dataset,
+            data_dir=FLAGS.data_dir,
+            batch_size=FLAGS.batch_size,
+            augment=augment,
+            epochs=FLAGS.epochs + 1,
+        )
     elapsed = time.perf_counter() - start
     print(f"loaded {info.name}: {info.num_train} training images")
     print(f"  of shape {info.image_shape} in {elapsed:.1f} s")
 
     batches = iter(train)
     rates = []
-    for epoch in range(args.epochs + 1):
+    for epoch in range(FLAGS.epochs + 1):
         start = time.perf_counter()
         for _ in range(info.steps_per_epoch):
             next(batches)
@@ -56,10 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label}: {rates[-1]:,.0f} images/s")
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}")
-    print(f"batch {args.batch_size}, augment={args.augment}")
+    print(f"batch {FLAGS.batch_size}, augment={augment}")
     median = statistics.median(rates[1:])
-    print(f"median over {args.epochs} epochs: {median:,.0f} images/s")
+    print(f"median over {FLAGS.epochs} epochs: {median:,.0f} images/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    tool_cli.run(main, PROGRAM)

@@ -52,7 +52,7 @@ def _stderr_held():
         os.dup2(held.fileno(), 2)
         try:
             yield
-        except BaseException:
+        except Exception:  # not Ctrl-C: nothing failed to report then
             sys.stderr.flush()
             os.dup2(saved, 2)
             held.seek(0)

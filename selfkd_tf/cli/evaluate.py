@@ -8,10 +8,13 @@ Usage:
     selfkd-eval --model=runs/a --early_exit --split=test
     selfkd-eval --model=runs/a --early_exit --max_accuracy_drop=0.5  # on validation
 
-Writes a ``metrics.json`` record (`selfkd_tf.metrics` schema) for every exit
-and the ensemble, and prints it as a table. The model is a run directory or
-a ``.keras`` file; the data settings default to the run's ``flags.json`` (a
-lone ``.keras`` file needs ``--dataset``).
+Scores every exit and the ensemble, prints them as a table and writes the
+record (`selfkd_tf.metrics` schema) to ``metrics_<split>.json`` beside the
+model (``--out`` names another ``.json`` file, or a directory that receives
+``metrics.json``). The model is a run directory or a ``.keras`` file; the
+data settings default to the run's ``flags.json`` (a lone ``.keras`` file
+needs ``--dataset``). A run that another process is training is refused
+(its ``model.keras`` would be replaced under the evaluation).
 
 ``--early_exit`` instead sweeps the early-exit cascade's threshold (see
 `selfkd_tf.early_exit`) and writes ``early_exit_<split>.json`` and
@@ -34,8 +37,8 @@ from selfkd_tf import metrics as metrics_lib  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
 from selfkd_tf.files import check_creatable  # noqa: E402
 from selfkd_tf.evaluation import (  # noqa: E402
-    TrainedModel, evaluate_trained, format_metrics_table, load_trained_model)
-from selfkd_tf.settings import SettingsError  # noqa: E402
+    TrainedModel, evaluate_trained, format_metrics_table, load_trained_model, reading_run)
+from selfkd_tf.settings import MAX_BATCH_SIZE, SettingsError  # noqa: E402
 
 PROGRAM = "selfkd-eval"
 
@@ -49,14 +52,16 @@ flags.DEFINE_string(
     "held out with --validation_fraction) or train (the training examples the "
     "run used, unaugmented); default: the run's evaluation split.")
 flags.DEFINE_integer(
-    "eval_examples", None, "Score a stratified subset of this many examples; "
-    "default: the whole split.", lower_bound=1)
-flags.DEFINE_integer("batch_size", None, "Evaluation batch size; default: the run's.")
+    "eval_examples", None, "Score a stratified subset of at most this many "
+    "examples (a split that holds fewer is scored whole, and the output says "
+    "so); default: the whole split.", lower_bound=1)
+flags.DEFINE_integer("batch_size", None, "Evaluation batch size; default: the run's.",
+                     lower_bound=1, upper_bound=MAX_BATCH_SIZE)
 flags.DEFINE_string(
     "out", None, "Output: a .json file, or a directory that receives "
     "metrics.json; default: metrics_<split>.json beside the model.")
 flags.DEFINE_bool(
-    "early_exit", False, "Instead of metrics.json, sweep the early-exit "
+    "early_exit", False, "Instead of metrics_<split>.json, sweep the early-exit "
     "cascade's confidence threshold and write early_exit_<split>.json and "
     ".png beside the model: accuracy against mean FLOPs and latency per "
     "image, with every exit served alone for reference (--out: a .json file, "
@@ -182,6 +187,14 @@ def _check_validation_split(trained: TrainedModel) -> None:
                     f"{FLAGS.model} held out none")
 
 
+def _say_if_capped(scored: dict) -> None:
+    """Says when ``--eval_examples`` asked for more than the split holds."""
+    asked, count = FLAGS.eval_examples, scored["num_examples"]
+    if asked is not None and asked > count:
+        print(f"--eval_examples={asked} is more than the {scored['split']} split "
+              f"holds; scored all {count} examples")
+
+
 def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     _check_outputs(split, "early_exit")
     try:
@@ -198,6 +211,7 @@ def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     out = _output_path(curve["split"], "early_exit")
     png = os.path.splitext(out)[0] + ".png"
     _write(out, early_exit.write_curve, curve, out, png, selected)
+    _say_if_capped(curve)
     print(f"{FLAGS.model} on {curve['dataset']} ({curve['split']} split, "
           f"{curve['num_examples']} examples), early exit:")
     print(early_exit.format_curve_table(curve))
@@ -219,11 +233,7 @@ def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    del argv  # common.run rejects positional arguments
-    split, thresholds = _early_exit_settings()
-    if FLAGS.early_exit:
-        return _run_early_exit(split, thresholds)
+def _run_metrics() -> int:
     _check_outputs(FLAGS.split, "metrics")
     try:
         trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
@@ -235,11 +245,25 @@ def main(argv: list[str]) -> int:
         common.fail(PROGRAM, common.flag_message(err))
     out = _output_path(record["split"])
     _write(out, metrics_lib.write_metrics_json, record, out)
+    _say_if_capped(record)
     print(f"{FLAGS.model} on {record['dataset']} ({record['split']} split, "
           f"{record['num_examples']} examples):")
     print(format_metrics_table(record))
     print(f"Wrote {out}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    del argv  # common.run rejects positional arguments
+    split, thresholds = _early_exit_settings()
+    try:
+        # Held from loading the model to writing what it scored.
+        with reading_run(FLAGS.model):
+            if FLAGS.early_exit:
+                return _run_early_exit(split, thresholds)
+            return _run_metrics()
+    except SettingsError as err:
+        common.fail(PROGRAM, common.flag_message(err))
 
 
 def run() -> None:

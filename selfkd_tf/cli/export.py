@@ -14,7 +14,9 @@ a single-exit export holds only the layers the chosen exit needs, a cascade
 skips the deeper stages for the images a shallow exit is sure of (see
 `selfkd_tf.export` and `selfkd_tf.cascade`). The class names are the run's
 dataset's unless ``--class_names`` gives them. The command prints the
-export's parameters and FLOPs next to the training model's.
+export's parameters and FLOPs next to the training model's. A run that
+another process is training is refused (its ``model.keras`` is about to be
+replaced).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from selfkd_tf import data  # noqa: E402
 from selfkd_tf import export as export_lib  # noqa: E402
 from selfkd_tf.cascade import check_threshold  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
-from selfkd_tf.evaluation import TrainedModel, load_trained_model  # noqa: E402
-from selfkd_tf.settings import SettingsError  # noqa: E402
+from selfkd_tf.evaluation import TrainedModel, load_trained_model, reading_run  # noqa: E402
+from selfkd_tf.settings import SettingsError, check_float32  # noqa: E402
 
 PROGRAM = "selfkd-export"
 
@@ -84,6 +86,8 @@ def _check_flags_before_loading() -> None:
     try:
         if FLAGS.threshold is not None:
             check_threshold(FLAGS.threshold)
+            # The graph holds it in float32, which 1e39 does not fit.
+            check_float32("threshold", FLAGS.threshold)
         export_lib.check_export_path(FLAGS.out, FLAGS.overwrite,
                                      keep={f"the model's {kind}": FLAGS.model})
     except ValueError as err:
@@ -94,27 +98,30 @@ def main(argv: list[str]) -> int:
     del argv
     try:
         _check_flags_before_loading()
-        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
-        model = trained.model
-        try:
-            export_lib.check_export_arguments(
-                model, FLAGS.out, FLAGS.exit, FLAGS.overwrite, FLAGS.threshold)
-        except ValueError as err:
-            raise _flag_error(err) from err
-        # Read only once the flags are known to be good: it may decode the
-        # whole dataset.
-        class_names = _class_names(trained)
-        try:
-            summary = export_lib.export_saved_model(
-                model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite,
-                threshold=FLAGS.threshold, class_names=class_names)
-        except ValueError as err:
-            raise _flag_error(err) from err
-        # E.g. a full disk; the export leaves nothing behind.
-        except OSError as err:
-            common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.strerror or err}", status=1)
-        except tf.errors.OpError as err:
-            common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.message}", status=1)
+        # Held from loading the model to writing the export.
+        with reading_run(FLAGS.model):
+            trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+            model = trained.model
+            try:
+                export_lib.check_export_arguments(
+                    model, FLAGS.out, FLAGS.exit, FLAGS.overwrite, FLAGS.threshold)
+            except ValueError as err:
+                raise _flag_error(err) from err
+            # Read only once the flags are known to be good: it may decode the
+            # whole dataset.
+            class_names = _class_names(trained)
+            try:
+                summary = export_lib.export_saved_model(
+                    model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite,
+                    threshold=FLAGS.threshold, class_names=class_names)
+            except ValueError as err:
+                raise _flag_error(err) from err
+            # E.g. a full disk; the export leaves nothing behind.
+            except OSError as err:
+                common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.strerror or err}",
+                            status=1)
+            except tf.errors.OpError as err:
+                common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.message}", status=1)
     except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     if summary.threshold is None:

@@ -6,7 +6,9 @@
   (its module docstring) and its own flags with their help texts, and exit
   0; ``--helpfull`` adds every other flag the process defines (absl's,
   TensorFlow's) and exits 0 as well.
-- Ctrl-C ends the command with one line and exit status 130 (`INTERRUPTED`).
+- Ctrl-C ends the command with one line and exit status 130 (`INTERRUPTED`);
+  SIGTERM, which job schedulers (Slurm, Kubernetes) send before they stop a
+  job, ends it the same way with exit status 143 (`TERMINATED`).
 - Bad input ends the command with one line on stderr,
   ``<program>: error: <problem>``, and exit status 2, never a traceback:
   unknown flags and bad values, positional arguments, and flagfiles that
@@ -35,6 +37,7 @@ def run():
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import sys
 import textwrap
@@ -48,6 +51,9 @@ USAGE_ERROR = 2
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+TERMINATED = 143
+"""Exit status after SIGTERM (128 + SIGTERM), as shells report it."""
 
 FLAGFILE_MAX_BYTES = 1 << 20
 """Largest flagfile read: flagfiles are short lists of flags."""
@@ -225,6 +231,25 @@ def _define_help_flags(module, program: str) -> None:
 
 # -- running ------------------------------------------------------------------
 
+_signals_received: list[int] = []
+
+
+def _stop_on_sigterm(signum, frame) -> NoReturn:
+    # Raised where Ctrl-C raises, so a scheduler's stop gets Ctrl-C's clean
+    # stop: checkpoint writes finish first, one line says how to resume.
+    _signals_received.append(signum)
+    raise KeyboardInterrupt
+
+
+def interrupt_status() -> int:
+    """The exit status for the `KeyboardInterrupt` being handled.
+
+    `TERMINATED` when it was raised for SIGTERM (under `run`), `INTERRUPTED`
+    for Ctrl-C.
+    """
+    return TERMINATED if signal.SIGTERM in _signals_received else INTERRUPTED
+
+
 
 def run(main: Callable[[list[str]], int | None], program: str) -> None:
     """`absl.app.run` with help, flagfile checks and one-line errors.
@@ -259,6 +284,7 @@ def run(main: Callable[[list[str]], int | None], program: str) -> None:
         except KeyboardInterrupt:
             print(flush=True)  # ends a progress bar's line
             # Commands write their files whole, so nothing is left half-written.
-            fail(program, "interrupted", status=INTERRUPTED)
+            fail(program, "interrupted", status=interrupt_status())
 
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     app.run(interruptible, flags_parser=parse)

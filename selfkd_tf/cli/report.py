@@ -21,11 +21,21 @@ all (unreadable files) are skipped: each is named with the reason on stderr
 and at the end of the tables. A table whose runs are not comparable (other
 numbers of scored examples, image sizes or numbers of exits) says so.
 
+``--metrics_file`` and ``--train_metrics_file`` name a file inside each run
+directory, never a path. A record that is not its run's own is refused: its
+architecture, methods or epochs differ from the run's flags.json, or a
+training record's (with its parameter count and number of exits) from the
+run's reported scores, or two runs hold the very same scores (see
+`selfkd_tf.provenance`). So is a run counted twice: two runs of one recipe
+with one seed, e.g. a run and a copy of its directory.
+
 Exit status: 0 when the report is written (also with skipped runs); 2 when a
 ``--runs`` entry matches no run directory, when no run can be reported, for
-a bad flag, or for an unusable ``--train_metrics_file`` record (of another
-split, data set or number of exits, or in no run directory); 1 when ``--out``
-cannot be written (one error line each, nothing written).
+a bad flag (a path as a record's name), for a run counted twice, for a
+reported record that is not its run's own, or for an unusable
+``--train_metrics_file`` record (of another split, data set or model, a copy
+of another run's, or in no run directory); 1 when ``--out`` cannot be
+written (one error line each, nothing written).
 """
 
 import logging
@@ -33,9 +43,10 @@ import sys
 
 from absl import flags
 
-from selfkd_tf import report
+from selfkd_tf import provenance, report
 from selfkd_tf import runs as runs_lib
 from selfkd_tf.cli import program
+from selfkd_tf.seed_summary import RepeatedRunError
 
 PROGRAM = "selfkd-report"
 FLAGS = flags.FLAGS
@@ -53,19 +64,33 @@ flags.DEFINE_string(
     "replaced.")
 flags.DEFINE_string(
     "metrics_file", "metrics.json",
-    "The scores of each run to report: metrics.json (written at the end of "
-    "training, on the run's evaluation split) or a record that selfkd-eval "
-    "wrote into the run directory, e.g. metrics_test.json for the whole test "
-    "split.")
+    "The scores of each run to report, named by a file name inside each run "
+    "directory (not a path): metrics.json (written at the end of training, on "
+    "the run's evaluation split) or a record that selfkd-eval wrote into the "
+    "run directory, e.g. metrics_test.json for the whole test split.")
 flags.DEFINE_string(
     "train_metrics_file", "",
-    "Each run's scores on its own training split, unaugmented: a record that "
-    "selfkd-eval --split=train wrote into the run directory, e.g. "
+    "The file name, inside each run directory (not a path), of the run's "
+    "scores on its own training split, unaugmented: the record that "
+    "selfkd-eval --split=train wrote into the run directory, "
     "metrics_train.json. summary.md then adds the training accuracy and the "
     "generalisation gap (training minus reported accuracy, deepest exit). "
-    "Runs without the file show n/a; a record of another split is refused. "
+    "Runs without the file show n/a; a record of another split or of "
+    "another run is refused. "
     "Empty: no training accuracy.")
 flags.mark_flags_as_required(["runs", "out"])
+
+
+def _file_name(name: str) -> bool:
+    """absl validator: a record's name inside each run directory."""
+    problem = provenance.file_name_problem(name)
+    if problem:
+        raise flags.ValidationError(problem)
+    return True
+
+
+flags.register_validator("metrics_file", _file_name)
+flags.register_validator("train_metrics_file", lambda name: not name or _file_name(name))
 
 
 def _warnings_on_one_line() -> None:
@@ -84,6 +109,10 @@ def main(argv: list[str]) -> int:
         found = runs_lib.load_runs(FLAGS.runs, FLAGS.metrics_file)
     except runs_lib.RunDataError as err:
         program.fail(PROGRAM, err)
+    try:
+        provenance.check_reported(found.runs, FLAGS.metrics_file)
+    except runs_lib.RunDataError as err:
+        program.fail(PROGRAM, f"--metrics_file: {err}")
     for skipped in found.skipped:
         print(f"{PROGRAM}: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     if not found.runs:
@@ -92,6 +121,8 @@ def main(argv: list[str]) -> int:
     try:
         written = report.write_report(found.runs, FLAGS.out, found.skipped,
                                       FLAGS.train_metrics_file)
+    except RepeatedRunError as err:
+        program.fail(PROGRAM, f"--runs: {err}")
     except runs_lib.RunDataError as err:
         program.fail(PROGRAM, f"--train_metrics_file: {err}")
     except OSError as err:

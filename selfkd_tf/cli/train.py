@@ -9,14 +9,19 @@ Every field of `selfkd_tf.settings.TrainSettings` is a flag
 (``--helpshort`` lists them). The run directory (``--model_dir``) receives
 ``flags.json``, ``history.csv``, ``tensorboard/``, ``checkpoints/``,
 ``model.keras`` and ``metrics.json``. Rerunning the same command resumes a
-killed run from its last checkpoint. At the end the command prints the
+killed run from its last checkpoint; while another process still trains the
+run, it is refused (one line naming that process) and writes nothing.
+``--train_examples`` and ``--eval_examples`` ask for at most so many
+examples: a line says when a split holds fewer, and ``flags.json`` records
+the number used. At the end the command prints the
 scores, where the run's files are and the commands that use them
 (``selfkd-eval``, ``selfkd-export``, ``selfkd-report``, ``tensorboard``).
 
-Exit status: 0 on success; 2 for invalid flags or data (one error line,
-nothing written); 1 when the loss diverges (the last good checkpoint is
-kept); 75 when a multi-worker cluster lost a worker (rerun every worker);
-130 after Ctrl-C (one line says where; rerunning resumes).
+Exit status: 0 on success; 2 for invalid flags or data, or a run directory
+another process is training (one error line, nothing written); 1 when the
+loss diverges (the last good checkpoint is kept); 75 when a multi-worker
+cluster lost a worker (rerun every worker); 130 after Ctrl-C, 143 after
+SIGTERM (one line says where; rerunning resumes).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def main(argv: list[str]) -> int:
         # Checkpoints and run files are written whole, so a rerun resumes.
         common.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
                     else "interrupted; rerun the same command to resume",
-                    status=program.INTERRUPTED)
+                    status=program.interrupt_status())
     except cluster.WORKER_FAILURES as err:
         if settings.distribute != "multiworker":
             raise

@@ -19,7 +19,10 @@ learning-rate and ``a_t`` schedules span it in every trial, and with
 
 Rerunning the same command resumes the search in ``--tuner_dir``: completed
 trials are kept and an interrupted one runs again. ``--overwrite`` starts it
-afresh.
+afresh. One search at a time runs in a directory: another process searching
+it is refused (exit status 2). A range or choice reaching a value that
+``selfkd-train`` refuses (``--lr_range=0.01,1e39``) is refused before any
+trial.
 
 At the end the command prints the best trials and writes, in
 ``--tuner_dir``, ``best_hyperparameters.json`` and ``best.flags``, a
@@ -37,7 +40,9 @@ nothing written); 1 when no trial completed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import os
 import textwrap
 
@@ -45,9 +50,10 @@ from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags
 
 from selfkd_tf import files
+from selfkd_tf import run_lock
 from selfkd_tf import tuning
 from selfkd_tf.cli import flags as train_flags
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.settings import SettingsError, TrainSettings, as_settings_error
 
 PROGRAM = "selfkd-tune"
 FLAGFILE = "best.flags"
@@ -131,6 +137,28 @@ def tune_settings_from_flags() -> tuning.TuneSettings:
     )
 
 
+def check_search_values(settings: TrainSettings, tune_settings: tuning.TuneSettings) -> None:
+    """Refuses a searched range or choice that reaches a value ``selfkd-train``
+    refuses (``--lr_range=0.01,1e39``: trials that train to NaN).
+
+    A setting's allowed values form an interval, so a range's two ends stand
+    for every value sampled between them. ``settings`` and ``tune_settings``
+    must be valid already.
+
+    Raises:
+        SettingsError: naming the range or choice flag and the value.
+    """
+    for name in tune_settings.searched(settings):
+        flag = "temperature_choices" if name == "temperature" else f"{name}_range"
+        for value in getattr(tune_settings, flag):
+            try:
+                dataclasses.replace(settings, **{name: value}).validate()
+            except SettingsError as err:
+                raise SettingsError(
+                    flag, f"includes --{name}={value:g}, which selfkd-train "
+                    f"refuses ({err.problem})") from None
+
+
 def flagfile_text(settings: TrainSettings, comment: str = "") -> str:
     """A ``selfkd-train`` flagfile setting every field of ``settings``.
 
@@ -171,14 +199,28 @@ def _trials_table(result: tuning.SearchResult, count: int) -> str:
 
 def main(argv: list[str]) -> int:
     del argv  # common.run rejects positional arguments
-    try:
-        if FLAGS.num_best < 1:
-            raise SettingsError(
-                "num_best", f"got {FLAGS.num_best}; allowed: integers >= 1")
-        settings = train_flags.settings_from_flags()
-        result = tuning.tune(settings, tune_settings_from_flags())
-    except SettingsError as err:
-        common.fail(PROGRAM, common.flag_message(err))
+    with contextlib.ExitStack() as held:
+        try:
+            if FLAGS.num_best < 1:
+                raise SettingsError(
+                    "num_best", f"got {FLAGS.num_best}; allowed: integers >= 1")
+            settings = train_flags.settings_from_flags()
+            tune_settings = tune_settings_from_flags()
+            settings.validate()
+            tune_settings.validate(settings)
+            check_search_values(settings, tune_settings)
+            # One search per directory at a time, as one run per run directory.
+            with as_settings_error():
+                held.enter_context(run_lock.locked(
+                    tune_settings.resolved_dir(settings), activity="tuned"))
+            result = tuning.tune(settings, tune_settings)
+        except SettingsError as err:
+            common.fail(PROGRAM, common.flag_message(err))
+        return _report(result)
+
+
+def _report(result: tuning.SearchResult) -> int:
+    """Prints the best trials and writes ``best.flags``; the exit status."""
     if not result.trials:
         common.fail(PROGRAM, f"no trial completed; see {result.tuner_dir}/"
                     f"{tuning.PROJECT_NAME}/trial_*/trial.json", status=1)
