@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from cli_support import CONFIGS, REPO, command, environment, last_line, write_npz
 from selfkd_tf import checkpointing
+from selfkd_tf.cli import program
 from selfkd_tf.losses import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
@@ -45,22 +46,30 @@ def _assert_whole(directory):
         assert tf.train.list_variables(os.path.join(directory, prefix))
 
 
-def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path, signum):
     checkpoint = checkpointing.TrainingCheckpoint(_tiny_model(), str(tmp_path))
     checkpoint.save(checkpointing.Position(0, 1), 1)
     save = checkpoint._manager.save
 
     def interrupted_save(**kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # arrives as the write starts
+        os.kill(os.getpid(), signum)  # arrives as the write starts
         time.sleep(0.05)
         return save(**kwargs)
 
     checkpoint._manager.save = interrupted_save
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(checkpointing.Position(0, 2), 2)
+    # The commands' SIGTERM handler (selfkd_tf.cli.program.run).
+    previous = signal.signal(signal.SIGTERM, program._stop_on_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save(checkpointing.Position(0, 2), 2)
+        # The handlers are the earlier ones again.
+        assert signal.getsignal(signal.SIGTERM) is program._stop_on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _assert_whole(str(tmp_path))
     assert checkpointing.read_position(str(tmp_path)) == checkpointing.Position(0, 2)
-    # The handler is Python's again: Ctrl-C outside a write raises at once.
+    # Python's handler again: Ctrl-C outside a write raises at once.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -89,8 +98,9 @@ POINTS = {
     # Between writes in the second epoch.
     "epoch 2": lambda run_dir: any(n.startswith("ckpt-18.") for n in _checkpoints(run_dir)),
 }
-# SIGTERM, as a job scheduler sends it, stops as Ctrl-C does, with exit status 143.
-POINTS["writing, SIGTERM"] = POINTS["writing"]
+# SIGTERM, as a job scheduler sends it, stops as Ctrl-C does, with exit status
+# 143 (a whole run: tests/test_study.py, whose runs are stopped by SIGTERM).
+POINTS["epoch 2, SIGTERM"] = POINTS.pop("epoch 2")
 SIGNALS = {name: signal.SIGTERM if "SIGTERM" in name else signal.SIGINT for name in POINTS}
 
 
