@@ -316,14 +316,6 @@ def _train(name: str, methods: str, seed: int, threads: int) -> int | None:
     return status
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, sent to this process only: its children are still running."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated
-
-
 def main(argv):
     del argv
     plan = _checked_plan()
@@ -332,7 +324,6 @@ def main(argv):
             print(f"{name}: done, checked only" if _done(name) else
                   f"{name}: " + " ".join(_train_command(name, methods, seed)))
         return
-    signal.signal(signal.SIGTERM, _terminate)  # a kill stops the runs as Ctrl-C does
     threads = max(1, (os.cpu_count() or 1) // _PARALLEL.value)
     pool = concurrent.futures.ThreadPoolExecutor(_PARALLEL.value)
     try:
@@ -342,8 +333,11 @@ def main(argv):
         while concurrent.futures.wait(futures, timeout=0.5).not_done:
             pass
         statuses = [future.result() for future in futures]
-    except KeyboardInterrupt as interrupt:
-        _CHILDREN.stop(grace_s=0 if isinstance(interrupt, _Terminated) else 5)
+    except KeyboardInterrupt:
+        # program.run raises it for SIGTERM too. SIGTERM came to this process
+        # only, so its children are still running; Ctrl-C reached them too.
+        terminated = program.interrupt_status() == program.TERMINATED
+        _CHILDREN.stop(grace_s=0 if terminated else 5)
         pool.shutdown(cancel_futures=True)
         program.fail(PROGRAM, "interrupted; rerun the same command to resume (each "
                      "run from its last checkpoint)", status=program.INTERRUPTED)
