@@ -454,5 +454,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         if not _is_finite(loss, self.model):
             return
         position = dataclasses.replace(position, train_time_s=self.train_time_s())
-        self.checkpoint.save(position, position.epoch * self.steps_per_epoch + position.step)
-        self.last_saved = position
+        # A signal deferred by the save must not take effect before the save
+        # is recorded: the interruption message names the last checkpoint.
+        with uninterrupted():
+            self.checkpoint.save(position, position.epoch * self.steps_per_epoch + position.step)
+            self.last_saved = position

@@ -73,6 +73,27 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path, signum
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_signal_during_a_save_leaves_the_save_recorded(tmp_path):
+    """The interruption message names the checkpoint the signal waited for."""
+    model = _tiny_model()
+    checkpoint = checkpointing.TrainingCheckpoint(model, str(tmp_path))
+    save = checkpoint._manager.save
+
+    def interrupted_save(**kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives as the write starts
+        return save(**kwargs)
+
+    checkpoint._manager.save = interrupted_save
+    saver = checkpointing.CheckpointCallback(checkpoint, steps_per_epoch=4, save_every_steps=1)
+    saver.set_model(model)
+    saver.on_epoch_begin(0)
+    with pytest.raises(KeyboardInterrupt):
+        saver.on_train_batch_end(0, {"loss": 1.0})
+    assert saver.last_saved is not None
+    assert (saver.last_saved.epoch, saver.last_saved.step) == (0, 1)
+    assert checkpointing.read_position(str(tmp_path)).step == 1
+
+
 def _interrupt(process, run_dir, when, signum):
     """Sends ``signum`` once ``when(run_dir)`` holds; returns whether it did."""
     deadline = time.monotonic() + 400
