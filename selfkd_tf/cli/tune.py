@@ -2,7 +2,7 @@
 
 Usage:
 
-    selfkd-tune --flagfile=configs/tune_cifar100_resnet18.flags --tuner=random \
+    selfkd-tune --flagfile=configs/tune_cifar100_pskd.flags --tuner=random \
         --max_trials=20 --tuner_dir=tuning/cifar100_pskd
     selfkd-tune --flagfile=configs/smoke.flags --dataset=npz:/data/tiny.npz \
         --methods=pskd --search=pskd_alpha,lr --max_trials=4 --tuner_dir=/tmp/tune
