@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 
 from selfkd_tf.cascade import EarlyExitCascade, check_threshold
 from selfkd_tf.export import ExitCosts, classifier, exit_costs
-from selfkd_tf.metrics import write_metrics_json
+from selfkd_tf.metrics_record import write_metrics_json
 from selfkd_tf.evaluation import TrainedModel, evaluation_data, predict_exit_probabilities
 
 # Dense where trained exits' confidences usually lie; 1.01 (above 1) never

@@ -4,7 +4,7 @@
 mode on by default); `evaluation_data` rebuilds the split it is scored on,
 normalised as the model was trained; `evaluate_trained` and
 `evaluate_model` return the ``metrics.json`` record
-(`selfkd_tf.metrics.build_metrics_record`).
+(`selfkd_tf.metrics_record.build_metrics_record`).
 
 Example:
 
@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from selfkd_tf import data as data_lib
 from selfkd_tf import metrics as metrics_lib
+from selfkd_tf import metrics_record
 from selfkd_tf import run_lock
 from selfkd_tf.builders import build_datasets
 from selfkd_tf.export import count_parameters
@@ -75,7 +76,7 @@ def evaluate_model(
     ``params`` counts the trainable weights of the whole multi-exit network.
     """
     exit_probs, labels = predict_exit_probabilities(model, dataset)
-    return metrics_lib.build_metrics_record(
+    return metrics_record.build_metrics_record(
         exit_probs, labels, dataset=dataset_name, split=split, arch=arch,
         methods=list(methods), params=count_parameters(model.backbone),
         train_time_s=train_time_s, epochs=epochs,

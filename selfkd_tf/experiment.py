@@ -18,7 +18,7 @@ A run directory (``settings.model_dir``) holds:
 - ``checkpoints/``: crash-safe training state (`selfkd_tf.checkpointing`);
 - ``model.keras``: the trained `SelfKDModel`;
 - ``metrics.json``: every exit and the ensemble evaluated on the evaluation
-  split (`selfkd_tf.metrics.build_metrics_record`).
+  split (`selfkd_tf.metrics_record.build_metrics_record`).
 
 Running `train` again on an existing directory resumes it from its last
 checkpoint, or returns its metrics when it has finished; settings that would
@@ -59,6 +59,7 @@ from selfkd_tf import cluster
 from selfkd_tf import data as data_lib
 from selfkd_tf import distribute as distribute_lib
 from selfkd_tf import metrics as metrics_lib
+from selfkd_tf import metrics_record
 from selfkd_tf import run_directory
 from selfkd_tf import run_lock
 from selfkd_tf.builders import build_datasets, build_model, compile_model, seed_everything
@@ -511,5 +512,5 @@ def _train_locked(settings: TrainSettings, strategy) -> dict:
         arch=settings.arch, methods=settings.methods,
         train_time_s=saver.train_time_s(), epochs=settings.epochs,
     )
-    metrics_lib.write_metrics_json(record, os.path.join(out_dir, METRICS_FILE))
+    metrics_record.write_metrics_json(record, os.path.join(out_dir, METRICS_FILE))
     return record

@@ -5,9 +5,9 @@ Distillation with Progressive Refinement of Targets", ICCV 2021): top-1 and
 top-5 error, negative log-likelihood, expected calibration error (ECE) and the
 area under the risk-coverage curve (AURC, with its excess E-AURC).
 
-The numpy functions take class probabilities `probs` of shape `[n, C]` and
-integer labels of shape `[n]` (or `[n, 1]`, as returned by `keras.datasets`).
-Conventions shared by every function:
+The functions are plain numpy: they take class probabilities `probs` of shape
+`[n, C]` and integer labels of shape `[n]` (or `[n, 1]`, as returned by
+`keras.datasets`). Conventions shared by every function:
 
 * The predicted class is the first maximum of a row (`np.argmax`): when
   probabilities tie, the lower class index wins. The same rule ranks classes
@@ -16,23 +16,14 @@ Conventions shared by every function:
 * Results are in the units of the PS-KD tables: errors and ECE in percent,
   NLL in nats, AURC and E-AURC multiplied by 1000.
 
-`ExpectedCalibrationError` and `NegativeLogLikelihood` are streaming Keras
-metrics that accumulate the same quantities batch by batch. Top-k accuracy is
-already streamed by `keras.metrics.SparseTopKCategoricalAccuracy`.
-
-`build_metrics_record` and `write_metrics_json` produce the `metrics.json`
-file of a run directory.
+`selfkd_tf.streaming_metrics` accumulates ECE and NLL batch by batch as Keras
+metrics; `selfkd_tf.metrics_record` writes these metrics as a run's
+`metrics.json`.
 """
 
-import json
-import os
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
-import keras
 import numpy as np
-from keras import ops
-
-from selfkd_tf.files import write_atomically
 
 METRIC_KEYS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
 """Keys of the dict returned by `classification_metrics`, in table order."""
@@ -44,11 +35,6 @@ A float32 softmax can underflow to exactly 0; clipping at 1e-12 caps one
 sample's loss at -log(1e-12) ~= 27.6 nats instead of returning `inf`, and
 only changes true-class probabilities below 1e-12. (Keras' epsilon, 1e-7,
 would already cap a confident mistake at 16.1 nats.)"""
-
-
-# ---------------------------------------------------------------------------
-# numpy reference functions
-# ---------------------------------------------------------------------------
 
 
 def _check_inputs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +165,7 @@ class ReliabilityBins(NamedTuple):
     count: np.ndarray
 
 
-def _bin_edges(num_bins: int) -> np.ndarray:
+def bin_edges(num_bins: int) -> np.ndarray:
     """Float64 edges `b / M`, `b = 0..M`.
 
     Each edge is the correctly rounded quotient, i.e. the float nearest to
@@ -194,7 +180,7 @@ def _bin_edges(num_bins: int) -> np.ndarray:
 
 def _bin_sums(probs, labels, num_bins: int):
     """Returns `(edges, count, confidence_sum, correct_sum)` per bin."""
-    edges = _bin_edges(num_bins)
+    edges = bin_edges(num_bins)
     probs, labels = _check_inputs(probs, labels)
     confidence = probs.max(axis=1)
     # Compare in the dtype of `probs`, so that float32(0.3) is on the edge
@@ -416,237 +402,3 @@ def multi_exit_metrics(
         ],
         "ensemble": classification_metrics(ensemble, labels, num_bins),
     }
-
-
-def _method_list(methods: str | Sequence[str]) -> list[str]:
-    """`"pskd, byot"` or `["pskd", "byot"]` -> `["pskd", "byot"]`.
-
-    A comma-separated string is accepted because training flags store the
-    methods that way; `""` (and `"".split(",")`) mean the baseline, `[]`.
-    """
-    if isinstance(methods, str):
-        methods = methods.split(",")
-    return [name.strip() for name in methods if name.strip()]
-
-
-def build_metrics_record(
-    exit_probs: Sequence[np.ndarray],
-    labels,
-    *,
-    dataset: str,
-    split: str,
-    arch: str,
-    methods: str | Sequence[str],
-    params: int,
-    train_time_s: float | None = None,
-    epochs: int | None = None,
-    num_bins: int = 10,
-) -> dict[str, Any]:
-    """Builds the `metrics.json` record of a run.
-
-    Args:
-        exit_probs: One `[n, C]` probability array per exit, shallowest
-            first; the last one is the model's answer.
-        labels: Integer labels, shape `[n]`.
-        dataset: Dataset name, e.g. `"cifar100"`.
-        split: Evaluated split, e.g. `"test"`.
-        arch: Architecture name, e.g. `"resnet18"`.
-        methods: Training methods, e.g. `["pskd", "byot"]` or the flag string
-            `"pskd,byot"`; empty for the baseline.
-        params: Number of model parameters.
-        train_time_s: Total training time in seconds, if known.
-        epochs: Number of training epochs, if known.
-        num_bins: Number of ECE / reliability bins.
-
-    Returns:
-        A JSON-serialisable dict with the keys `dataset, split, num_examples,
-        arch, methods, num_exits, exits, ensemble, train_time_s, train_time_per_epoch_s,
-        epochs, params, reliability`. `train_time_per_epoch_s` is
-        `train_time_s / epochs` when both are known (and `epochs > 0`).
-        `reliability` holds the `reliability_bins` of the deepest exit as
-        lists, with `null` confidence and accuracy for empty bins.
-    """
-    per_exit = multi_exit_metrics(exit_probs, labels, num_bins)
-    bins = reliability_bins(exit_probs[-1], labels, num_bins)
-    # Plain Python numbers: numpy scalars are not JSON-serialisable.
-    train_time_s = None if train_time_s is None else float(train_time_s)
-    epochs = None if epochs is None else int(epochs)
-    per_epoch = train_time_s / epochs if train_time_s is not None and epochs else None
-
-    def nullable(values: np.ndarray) -> list[float | None]:
-        # JSON has no NaN; an empty bin has no mean.
-        return [None if np.isnan(v) else float(v) for v in values]
-
-    return {
-        "dataset": dataset,
-        "split": split,
-        "num_examples": int(len(labels)),
-        "arch": arch,
-        "methods": _method_list(methods),
-        "num_exits": len(exit_probs),
-        "exits": per_exit["exits"],
-        "ensemble": per_exit["ensemble"],
-        "train_time_s": train_time_s,
-        "train_time_per_epoch_s": per_epoch,
-        "epochs": epochs,
-        "params": int(params),
-        "reliability": {
-            "num_bins": num_bins,
-            "edges": bins.edges.tolist(),
-            "confidence": nullable(bins.confidence),
-            "accuracy": nullable(bins.accuracy),
-            "count": bins.count.tolist(),
-        },
-    }
-
-
-def write_metrics_json(record: dict[str, Any], path: str | os.PathLike) -> None:
-    """Writes `record` as JSON to `path` atomically.
-
-    The JSON goes to a temporary file in the destination directory which then
-    replaces `path` (`os.replace`), so readers never see a partial file.
-    Parent directories are created. NaN or infinite values raise a
-    `ValueError` rather than producing invalid JSON.
-    """
-    write_atomically(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
-
-
-# ---------------------------------------------------------------------------
-# Streaming Keras metrics
-# ---------------------------------------------------------------------------
-
-
-def _sparse_labels(y_true):
-    """`[batch]` or `[batch, 1]` labels -> int32 `[batch]`."""
-    return ops.reshape(ops.cast(y_true, "int32"), (-1,))
-
-
-def _true_class_probability(labels, y_pred):
-    """`p_iy` for int32 labels `[batch]` and probabilities `[batch, C]`."""
-    return ops.take_along_axis(y_pred, labels[:, None], axis=-1)[:, 0]
-
-
-@keras.saving.register_keras_serializable(package="selfkd_tf")
-class ExpectedCalibrationError(keras.metrics.Metric):
-    """Streaming expected calibration error, in percent.
-
-    Accumulates, for each equal-width confidence bin `((b - 1) / M, b / M]`,
-    the (weighted) sample count, the sum of confidences and the number of
-    correct predictions, and returns
-
-    `ECE = 100 * sum_b |correct_sum_b - confidence_sum_b| / sum_b count_b`,
-
-    which equals `expected_calibration_error` on the concatenated batches
-    (same bins, same first-maximum prediction rule, confidence 0 in the first
-    bin). `sample_weight` scales each sample's contribution, so integer
-    weights act as repetitions.
-
-    Args:
-        num_bins: Number of bins `M`.
-        name: Name of the metric instance.
-        dtype: Dtype of the accumulators and of the result.
-
-    Example:
-
-    >>> m = ExpectedCalibrationError(num_bins=2)
-    >>> m.update_state([0], [[0.9, 0.1]])
-    >>> m.update_state([0], [[0.35, 0.65]])
-    >>> round(float(m.result()), 4)
-    27.5
-
-    Usage with `compile()`, on a model whose output is a softmax:
-
-    ```python
-    model.compile(loss="sparse_categorical_crossentropy",
-                  metrics=[ExpectedCalibrationError()])
-    ```
-    """
-
-    def __init__(self, num_bins: int = 10, name: str = "ece", dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self.num_bins = num_bins
-        # Lower is better (used e.g. by callbacks monitoring this metric).
-        self._direction = "down"
-        self._inner_edges = _bin_edges(num_bins)[1:-1]
-        self.count = self.add_variable(
-            shape=(num_bins,), initializer="zeros", name="count"
-        )
-        self.confidence_sum = self.add_variable(
-            shape=(num_bins,), initializer="zeros", name="confidence_sum"
-        )
-        self.correct_sum = self.add_variable(
-            shape=(num_bins,), initializer="zeros", name="correct_sum"
-        )
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        """Adds a batch of integer labels and `[batch, C]` probabilities."""
-        y_pred = ops.cast(y_pred, self.dtype)
-        labels = _sparse_labels(y_true)
-        confidence = ops.max(y_pred, axis=-1)
-        # First-maximum rule of `_label_rank`: correct iff no class has a
-        # higher probability than the true one and no lower-index class
-        # ties with it (ops.argmax leaves ties unspecified).
-        true_prob = _true_class_probability(labels, y_pred)[:, None]
-        lower_index = ops.arange(ops.shape(y_pred)[-1])[None, :] < labels[:, None]
-        beaten = ops.logical_or(
-            y_pred > true_prob,
-            ops.logical_and(y_pred == true_prob, lower_index),
-        )
-        correct = ops.cast(ops.logical_not(ops.any(beaten, axis=-1)), self.dtype)
-        inner_edges = ops.convert_to_tensor(self._inner_edges, self.dtype)
-        bins = ops.sum(
-            ops.cast(confidence[:, None] > inner_edges[None, :], "int32"), axis=-1
-        )
-        one_hot = ops.one_hot(bins, self.num_bins, dtype=self.dtype)
-        weight = (
-            ops.ones_like(confidence)
-            if sample_weight is None
-            else ops.reshape(ops.cast(sample_weight, self.dtype), (-1,))
-        )
-        weighted = one_hot * weight[:, None]
-        self.count.assign_add(ops.sum(weighted, axis=0))
-        self.confidence_sum.assign_add(
-            ops.sum(weighted * confidence[:, None], axis=0)
-        )
-        self.correct_sum.assign_add(ops.sum(weighted * correct[:, None], axis=0))
-
-    def result(self):
-        gap = ops.sum(ops.abs(self.correct_sum - self.confidence_sum))
-        return 100.0 * ops.divide_no_nan(gap, ops.sum(self.count))
-
-    def get_config(self):
-        return {**super().get_config(), "num_bins": self.num_bins}
-
-
-@keras.saving.register_keras_serializable(package="selfkd_tf")
-class NegativeLogLikelihood(keras.metrics.Mean):
-    """Streaming mean negative log-likelihood of probabilities, in nats.
-
-    `NLL = -sum_i w_i * log(max(p_iy, eps)) / sum_i w_i` with
-    `eps = NLL_EPSILON`; equals `negative_log_likelihood` on the concatenated
-    batches. Unlike `keras.metrics.SparseCategoricalCrossentropy`, the
-    predictions are not renormalised and the clip is 1e-12, not 1e-7.
-
-    Args:
-        name: Name of the metric instance.
-        dtype: Dtype of the accumulators and of the result.
-
-    Example:
-
-    >>> m = NegativeLogLikelihood()
-    >>> m.update_state([0, 1], [[0.5, 0.5], [0.25, 0.75]])
-    >>> round(float(m.result()), 4)
-    0.4904
-    """
-
-    def __init__(self, name: str = "nll", dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self._direction = "down"
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        """Adds a batch of integer labels and `[batch, C]` probabilities."""
-        true_prob = _true_class_probability(
-            _sparse_labels(y_true), ops.cast(y_pred, self.dtype)
-        )
-        values = -ops.log(ops.maximum(true_prob, NLL_EPSILON))
-        return super().update_state(values, sample_weight=sample_weight)

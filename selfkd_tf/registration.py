@@ -27,9 +27,9 @@ import importlib
 import sys
 
 SERIALIZABLE_MODULES = (
-    "selfkd_tf.metrics",
     "selfkd_tf.models",
     "selfkd_tf.optimizers",
+    "selfkd_tf.streaming_metrics",
     "selfkd_tf.training",
 )
 """The modules whose classes carry `keras.saving.register_keras_serializable`."""

@@ -1,7 +1,7 @@
 """Finding and reading the run directories that ``selfkd-report`` compares.
 
 A run directory holds `metrics.json` (written by
-`selfkd_tf.metrics.write_metrics_json` at the end of training), and
+`selfkd_tf.metrics_record.write_metrics_json` at the end of training), and
 optionally `flags.json` (the resolved training flags) and `history.csv` (one
 row per epoch). `load_runs` finds run directories under the given paths
 (following symbolic links), reads the finished ones into `Run` objects and

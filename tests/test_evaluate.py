@@ -99,7 +99,7 @@ def test_eval_help_names_the_files_it_writes():
     text = " ".join(result.stdout.split())
     description = text.split(" flags: ")[0]
     # By default the record goes beside the model, one file per split.
-    assert "writes the record (`selfkd_tf.metrics` schema) to ``metrics_<split>.json`` " \
+    assert "writes the record (`selfkd_tf.metrics_record` schema) to ``metrics_<split>.json`` " \
         "beside the model" in description
     assert "``metrics.json`` record" not in description
     assert "--[no]early_exit: Instead of metrics_<split>.json, sweep" in text

@@ -9,13 +9,10 @@ import keras
 import numpy as np
 import pytest
 
-from selfkd_tf import metrics
+from selfkd_tf import metrics, metrics_record, streaming_metrics
 from selfkd_tf.metrics import (
     METRIC_KEYS,
-    ExpectedCalibrationError,
-    NegativeLogLikelihood,
     aurc,
-    build_metrics_record,
     classification_metrics,
     eaurc,
     expected_calibration_error,
@@ -23,8 +20,9 @@ from selfkd_tf.metrics import (
     negative_log_likelihood,
     reliability_bins,
     top_k_error,
-    write_metrics_json,
 )
+from selfkd_tf.metrics_record import build_metrics_record, write_metrics_json
+from selfkd_tf.streaming_metrics import ExpectedCalibrationError, NegativeLogLikelihood
 
 
 def two_class(confidences, correct):
@@ -39,8 +37,9 @@ def two_class(confidences, correct):
     return probs, labels
 
 
-def test_docstring_examples():
-    result = doctest.testmod(metrics, extraglobs=vars(metrics))
+@pytest.mark.parametrize("module", [metrics, metrics_record, streaming_metrics])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, extraglobs=vars(module))
     assert result.attempted > 0
     assert result.failed == 0
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from selfkd_tf import report, report_figures, runs as runs_lib
-from selfkd_tf.metrics import build_metrics_record, write_metrics_json
+from selfkd_tf.metrics_record import build_metrics_record, write_metrics_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

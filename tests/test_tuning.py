@@ -8,10 +8,10 @@ import pytest
 from absl import flags
 
 from cli_support import last_line, run_cli, write_npz
-from selfkd_tf import tuning
+from selfkd_tf import search_space, tuning
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import tune as tune_cli
-from selfkd_tf.tuning import TuneSettings
+from selfkd_tf.search_space import TuneSettings
 from selfkd_tf.settings import SettingsError, TrainSettings
 
 NUM_TRAIN = 240
@@ -162,7 +162,7 @@ def test_cli_search_writes_a_flagfile_that_retrains_the_winner(npz, tmp_path):
     assert search.returncode == 0, search.stderr
     assert "val_exit2_accuracy" in search.stdout and "pskd_alpha" in search.stdout
     search_record = json.loads((tuner_dir / tuning.SEARCH_FILE).read_text())
-    assert search_record["validation_fraction"] == tuning.DEFAULT_VALIDATION_FRACTION
+    assert search_record["validation_fraction"] == search_space.DEFAULT_VALIDATION_FRACTION
     record = json.loads((tuner_dir / tuning.BEST_HYPERPARAMETERS_FILE).read_text())
     # byot is off, so byot_alpha is not searched.
     assert set(record["hyperparameters"]) == {"pskd_alpha", "weight_decay"}

@@ -9,7 +9,7 @@ Usage:
     selfkd-eval --model=runs/a --early_exit --max_accuracy_drop=0.5  # on validation
 
 Scores every exit and the ensemble, prints them as a table and writes the
-record (`selfkd_tf.metrics` schema) to ``metrics_<split>.json`` beside the
+record (`selfkd_tf.metrics_record` schema) to ``metrics_<split>.json`` beside the
 model (``--out`` names another ``.json`` file, or a directory that receives
 ``metrics.json``). The model is a run directory or a ``.keras`` file; the
 data settings default to the run's ``flags.json`` (a lone ``.keras`` file
@@ -33,7 +33,7 @@ from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
 from absl import flags  # noqa: E402
 
 from selfkd_tf import early_exit  # noqa: E402
-from selfkd_tf import metrics as metrics_lib  # noqa: E402
+from selfkd_tf import metrics_record  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
 from selfkd_tf.files import check_creatable  # noqa: E402
 from selfkd_tf.evaluation import (  # noqa: E402
@@ -244,7 +244,7 @@ def _run_metrics() -> int:
     except SettingsError as err:
         common.fail(PROGRAM, common.flag_message(err))
     out = _output_path(record["split"])
-    _write(out, metrics_lib.write_metrics_json, record, out)
+    _write(out, metrics_record.write_metrics_json, record, out)
     _say_if_capped(record)
     print(f"{FLAGS.model} on {record['dataset']} ({record['split']} split, "
           f"{record['num_examples']} examples):")

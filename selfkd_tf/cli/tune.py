@@ -51,6 +51,7 @@ from absl import flags
 
 from selfkd_tf import files
 from selfkd_tf import run_lock
+from selfkd_tf import search_space
 from selfkd_tf import tuning
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.settings import SettingsError, TrainSettings, as_settings_error
@@ -60,14 +61,14 @@ FLAGFILE = "best.flags"
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(train_flags)  # --help lists them
-_DEFAULTS = tuning.TuneSettings()
+_DEFAULTS = search_space.TuneSettings()
 
 
 def _numbers(values) -> list[str]:
     return [repr(float(v)) for v in values]
 
 
-flags.DEFINE_enum("tuner", _DEFAULTS.tuner, tuning.TUNERS,
+flags.DEFINE_enum("tuner", _DEFAULTS.tuner, search_space.TUNERS,
                   "Search algorithm (bayesian needs scipy and scikit-learn).")
 flags.DEFINE_integer(
     "max_trials", _DEFAULTS.max_trials,
@@ -84,7 +85,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("tuner_dir", None,
                     "Search directory, resumed when it exists; default: "
                     "tuning/<dataset>_<arch>_<methods>.")
-flags.DEFINE_list("search", list(tuning.DIMENSIONS),
+flags.DEFINE_list("search", list(search_space.DIMENSIONS),
                   "Dimensions searched; those of methods that are off are skipped, "
                   "the others keep their flag's value.")
 flags.DEFINE_list("pskd_alpha_range", _numbers(_DEFAULTS.pskd_alpha_range),
@@ -106,7 +107,7 @@ flags.DEFINE_integer("hyperband_iterations", _DEFAULTS.hyperband_iterations,
 flags.DEFINE_integer("num_best", 5, "Best trials printed at the end.")
 
 
-def tune_settings_from_flags() -> tuning.TuneSettings:
+def tune_settings_from_flags() -> search_space.TuneSettings:
     """The `TuneSettings` the parsed flags describe (not yet validated).
 
     Raises:
@@ -123,7 +124,7 @@ def tune_settings_from_flags() -> tuning.TuneSettings:
                 name, f"got {','.join(FLAGS[name].value)!r}; allowed: numbers, "
                 "e.g. 0.1,0.9") from None
     hyperband = FLAGS.tuner == "hyperband"
-    return tuning.TuneSettings(
+    return search_space.TuneSettings(
         tuner=FLAGS.tuner,
         # Hyperband's own budget applies unless a cap is asked for.
         max_trials=None if hyperband and not FLAGS["max_trials"].present else FLAGS.max_trials,
@@ -137,7 +138,7 @@ def tune_settings_from_flags() -> tuning.TuneSettings:
     )
 
 
-def check_search_values(settings: TrainSettings, tune_settings: tuning.TuneSettings) -> None:
+def check_search_values(settings: TrainSettings, tune_settings: search_space.TuneSettings) -> None:
     """Refuses a searched range or choice that reaches a value ``selfkd-train``
     refuses (``--lr_range=0.01,1e39``: trials that train to NaN).
 
@@ -248,7 +249,7 @@ def run() -> None:
     # Selection needs a split the test set does not provide. Set here, not
     # at import, so that importing this module leaves selfkd-train's
     # defaults alone.
-    FLAGS.set_default("validation_fraction", tuning.DEFAULT_VALIDATION_FRACTION)
+    FLAGS.set_default("validation_fraction", search_space.DEFAULT_VALIDATION_FRACTION)
     common.run(main, PROGRAM)
 
 
