@@ -328,6 +328,20 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             return forward()
         return replicas.forward_unless_empty(forward, batch_size, self.backbone.output)
 
+    def _inference_forward(self, images: tf.Tensor):
+        """Inference-mode outputs of this replica's examples, which may be none.
+
+        A replica's share of an evaluation or prediction batch can be empty,
+        and oneDNN's convolutions return an empty batch in their input's
+        shape, which the layers after them refuse; inference has no
+        collective to take part in, so an empty share skips the network.
+        """
+        forward = lambda: self(images, training=False)  # noqa: E731
+        if tf.distribute.get_replica_context().num_replicas_in_sync == 1:
+            return forward()
+        return replicas.forward_unless_empty(
+            forward, tf.shape(images)[0], self.backbone.output)
+
     def train_step(self, data):
         images, index, labels, sample_weight = batches.unpack(data)
         config = self.selfkd_config
@@ -411,7 +425,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
 
     def test_step(self, data):
         images, _, labels, sample_weight = batches.unpack(data)
-        outputs = self(images, training=False)
+        outputs = self._inference_forward(images)
         deepest = tf.cast(outputs["logits"][-1], tf.float32)
         # Per example, so the mean runs over every replica's examples.
         nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -428,7 +442,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
 
     def predict_step(self, data):
         images, _, _, _ = batches.unpack(data)
-        return self(images, training=False)
+        return self._inference_forward(images)
 
     # -- serialisation --------------------------------------------------
 
@@ -448,7 +462,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(
-            models.upgrade_strided_pointwise(config["backbone"]),
+            models.upgrade_convolutions(config["backbone"]),
             custom_objects=custom_objects,
         )
         return cls(**config)

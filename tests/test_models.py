@@ -363,8 +363,8 @@ def test_every_strided_pointwise_convolution_is_a_matrix_product(arch, exit_head
     assert strided == {f"stage{s}_block1_shortcut_conv": Conv2D for s in (2, 3, 4)}
 
 
-def _with_plain_strided_shortcuts(backbone):
-    """The same network with keras.layers.Conv2D shortcuts, as saved before."""
+def _with_plain_convolutions(backbone):
+    """The same network with keras.layers.Conv2D convolutions, as saved before."""
     config = keras.saving.serialize_keras_object(backbone)
     for layer in config["config"]["layers"]:
         if layer["module"] == Conv2D.__module__ and layer["class_name"] == "Conv2D":
@@ -376,7 +376,7 @@ def _with_plain_strided_shortcuts(backbone):
 
 # Keras' own weight serialization trips a NumPy 2 deprecation notice.
 @pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")
-def test_files_with_plain_strided_shortcuts_load_with_the_same_outputs(tmp_path):
+def test_files_with_plain_convolutions_load_with_the_same_outputs(tmp_path):
     from selfkd_tf.checkpointing import Position, TrainingCheckpoint
     from selfkd_tf.losses import SelfKDConfig
     from selfkd_tf.optimizers import make_optimizer
@@ -394,7 +394,7 @@ def test_files_with_plain_strided_shortcuts_load_with_the_same_outputs(tmp_path)
                                        width_multiplier=TINY)
 
     keras.utils.set_random_seed(1)
-    old = selfkd_model(_with_plain_strided_shortcuts(build()))
+    old = selfkd_model(_with_plain_convolutions(build()))
     shortcut = old.backbone.get_layer("stage2_block1_shortcut_conv")
     assert type(shortcut) is keras.layers.Conv2D and shortcut.strides == (2, 2)
     old.save(tmp_path / "old.keras")
@@ -406,7 +406,8 @@ def test_files_with_plain_strided_shortcuts_load_with_the_same_outputs(tmp_path)
     restored = selfkd_model(build())
     TrainingCheckpoint(restored, str(tmp_path / "checkpoints")).restore_latest()
     for model in (loaded, restored):
-        for name in ("stage2_block1_shortcut_conv", "stage3_block1_shortcut_conv"):
+        for name in ("stage2_block1_shortcut_conv", "stage3_block1_shortcut_conv",
+                     "stem_conv", "stage2_block1_conv1"):
             assert type(model.backbone.get_layer(name)) is Conv2D
         actual = model(x, training=False)["logits"]
         for want, got in zip(expected, actual, strict=True):

@@ -6,7 +6,8 @@ empty: a last batch of 1 on 2 replicas leaves one replica nothing, and 16
 examples on 3 replicas are 6 + 6 + 4. Each configuration runs in a child
 process (``python test_uneven_batches.py R OUT``) that splits its CPU into
 ``R`` logical devices before TensorFlow starts, and trains through batches
-that cover every remainder ``1..R-1``, the last batch of the epoch included:
+that cover every remainder ``1..R-1``, the last batch of the epoch included,
+once with oneDNN's CPU kernels and once without:
 
 - with synchronised batch norm and per-example weights, against one device
   on the same batches: every logged value of every step, every weight
@@ -38,7 +39,7 @@ import tensorflow as tf
 from cluster_support import run_once
 from selfkd_tf.distribute import make_strategy
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.models.primitives import batch_norm
+from selfkd_tf.models.primitives import Conv2D, batch_norm
 from selfkd_tf.optimizers import make_optimizer
 from selfkd_tf.training import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
@@ -105,13 +106,18 @@ def _two_exit_backbone(sync: bool, sync_head: bool | None = None) -> keras.Model
     """A two-exit network with batch norm on both paths, cheap to trace R times.
 
     ``sync_head`` (default: ``sync``) sets the shallow exit's batch norm apart.
+    A replica with an empty share runs the network when batch norm is
+    synchronised, so those convolutions are `selfkd_tf`'s `Conv2D` (oneDNN's
+    return an empty batch in the input's shape); per-replica batch norm skips
+    empty shares, so any backbone's `keras.layers.Conv2D` works there.
     """
     layers = keras.layers
     images = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    convolution = Conv2D if sync else layers.Conv2D
 
     def conv_bn(x, filters, kernel, strides, name, synchronized=sync):
-        x = layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False,
-                          name=f"{name}_conv")(x)
+        x = convolution(filters, kernel, strides, padding="same", use_bias=False,
+                        name=f"{name}_conv")(x)
         return layers.ReLU()(batch_norm(synchronized, f"{name}_bn")(x))
 
     stem = conv_bn(images, 4, 3, 1, "stem")
@@ -277,25 +283,36 @@ def child(replicas: int, out: pathlib.Path) -> None:
 # -- tests ----------------------------------------------------------------------
 
 
-def _results(tmp_path_factory, replicas: int) -> dict[str, np.ndarray]:
-    """The child's results for ``replicas``, computed once per test session."""
+# Both CPU kernel sets: oneDNN's convolutions return an empty batch in the
+# input's shape, which broke a replica with an empty share (it is the
+# default on some CPUs, off on others).
+ONEDNN = ("0", "1")
+
+
+def _results(tmp_path_factory, replicas: int, onednn: str = "1") -> dict[str, np.ndarray]:
+    """The child's results for ``replicas`` replicas, computed once per session."""
+    name = f"uneven{replicas}_onednn{onednn}"
 
     def produce(folder):
         process = subprocess.run(
             [sys.executable, __file__, str(replicas), str(folder)],
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": onednn},
+            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=CHILD_TIMEOUT_S,
         )
         assert process.returncode == 0, (process.stdout + process.stderr)[-5000:]
 
-    folder = run_once(tmp_path_factory, f"uneven{replicas}", produce)
+    folder = run_once(tmp_path_factory, name, produce)
     with np.load(folder / f"uneven{replicas}.npz") as results:
         return dict(results)
 
 
-@pytest.fixture(scope="module", params=sorted(PLANS), ids=lambda r: f"{r}replicas")
+@pytest.fixture(
+    scope="module", params=[(r, o) for r in sorted(PLANS) for o in ONEDNN],
+    ids=lambda p: f"{p[0]}replicas-onednn{p[1]}",
+)
 def run(request, tmp_path_factory) -> dict[str, np.ndarray]:
-    return _results(tmp_path_factory, request.param)
+    return _results(tmp_path_factory, *request.param)
 
 
 def test_the_batches_are_shared_unevenly(run):

@@ -124,24 +124,33 @@ class PatchConv2D(keras.layers.Conv2D):
 
 @keras.saving.register_keras_serializable(package="selfkd_tf")
 class Conv2D(keras.layers.Conv2D):
-    """`keras.layers.Conv2D` computing a strided `1 x 1` case as subsample + matmul.
+    """`keras.layers.Conv2D` that routes around two defects of the CPU kernels.
 
-    A `1 x 1` convolution with stride `s` (the projection shortcut of a
-    downsampling block) reads the pixels at rows and columns `0, s, 2s, ...`
-    and nothing else, under `"same"` as under `"valid"` padding (neither
-    pads a `1 x 1` kernel). So it equals `x[:, ::s, ::s, :]` followed by one
-    matrix product with the kernel, which this layer computes instead of
-    calling the CPU convolution kernels: oneDNN's strided `1 x 1`
-    convolution is the one kernel of these networks reported to abort
-    training (few input channels, a small last batch). Every other
-    configuration is computed by `keras.layers.Conv2D` itself.
+    - **Strided `1 x 1`.** A `1 x 1` convolution with stride `s` (the
+      projection shortcut of a downsampling block) reads the pixels at rows
+      and columns `0, s, 2s, ...` and nothing else, under `"same"` as under
+      `"valid"` padding (neither pads a `1 x 1` kernel). So it equals
+      `x[:, ::s, ::s, :]` followed by one matrix product with the kernel,
+      which this layer computes instead of calling the CPU convolution
+      kernels: oneDNN's strided `1 x 1` convolution is the one kernel of
+      these networks reported to abort training (few input channels, a
+      small last batch).
+    - **Empty batches.** oneDNN's convolutions return an empty batch in the
+      shape of their *input* (`[0, H, W, C_in]`), not of their output, so
+      the next layer sees the wrong number of channels: a replica whose
+      share of a batch is empty (`tf.distribute` with synchronised batch
+      norm, evaluation, prediction) failed with "Shape mismatch in the
+      collective". Under a strategy with several replicas an empty batch
+      never reaches the kernel here: it gets zeros of the output's shape,
+      and the kernel a zero gradient.
 
-    Weights, variable names and the configuration are those of
-    `keras.layers.Conv2D`. The class keeps Keras's name because a `.keras`
-    file stores weights under the snake-cased class name (`conv2d_7`):
-    networks saved with plain `Conv2D` shortcuts and networks built with
-    this layer lay their weights out identically, so either loads the
-    other's files.
+    Every other input is computed by `keras.layers.Conv2D` itself. Weights,
+    variable names and the configuration are those of `keras.layers.Conv2D`.
+    The class keeps Keras's name because a `.keras` file stores weights
+    under the snake-cased class name (`conv2d_7`): networks saved with plain
+    `Conv2D` layers and networks built with this layer lay their weights out
+    identically, so either loads the other's files
+    (`upgrade_convolutions`).
 
     Example:
 
@@ -163,10 +172,67 @@ class Conv2D(keras.layers.Conv2D):
         )
 
     def call(self, inputs):
-        if not self._subsamples:
-            return super().call(inputs)
-        rows, columns = self.strides
-        return _project(self, inputs[:, ::rows, ::columns, :])
+        if self._subsamples:
+            rows, columns = self.strides
+            return _project(self, inputs[:, ::rows, ::columns, :])
+        return _unless_empty(self, keras.layers.Conv2D.call, inputs, self.filters)
+
+
+@keras.saving.register_keras_serializable(package="selfkd_tf")
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` that keeps a replica's empty batch from the kernels.
+
+    On an empty batch TensorFlow's depthwise kernels give wrong results:
+    oneDNN's forward pass the input's shape, and the default kernel's
+    gradient of the depthwise weights is not zero. Under a strategy with
+    several replicas, an empty batch (a replica's empty share of a batch)
+    gets zeros of the output's shape and a zero gradient instead. Weights, variable names and configuration are
+    those of `keras.layers.DepthwiseConv2D`, whose name the class keeps for
+    the same reason as `Conv2D`.
+
+    Example:
+
+    >>> DepthwiseConv2D(3, depth_multiplier=2)(np.zeros((2, 7, 7, 4), "float32")).shape
+    (2, 5, 5, 8)
+    """
+
+    def call(self, inputs):
+        channels = inputs.shape[-1] * self.depth_multiplier
+        return _unless_empty(self, keras.layers.DepthwiseConv2D.call, inputs, channels)
+
+
+def _unless_empty(layer, call, inputs, channels: int):
+    """``call(layer, inputs)``, or zeros of its output's shape for an empty batch.
+
+    The kernels' defects on empty batches are described in `Conv2D` and
+    `DepthwiseConv2D`. Under a strategy with several replicas the branch
+    not taken is not run, and an empty batch's gradient with respect to the
+    weights is zero; anywhere else the layer's own call runs.
+    """
+    # Only a replica of several can be handed an empty share of a batch; a
+    # branch elsewhere would cost memory (about a third more at the peak of
+    # a training step) for batches nobody sends.
+    context = tf.distribute.get_replica_context()
+    if (layer.data_format != "channels_last" or context is None
+            or context.num_replicas_in_sync == 1):
+        return call(layer, inputs)
+    shape = tf.shape(inputs)
+    sizes = []
+    for axis, kernel, stride, dilation in zip(
+        (1, 2), layer.kernel_size, layer.strides, layer.dilation_rate
+    ):
+        size = shape[axis]
+        if layer.padding == "valid":
+            size = tf.maximum(size - dilation * (kernel - 1), 0)
+        sizes.append((size + stride - 1) // stride)
+    outputs = tf.cond(
+        shape[0] > 0,
+        lambda: call(layer, inputs),
+        lambda: tf.zeros(tf.stack([shape[0], *sizes, channels]), layer.compute_dtype),
+    )
+    # The zeros' shape is computed; the layers after need the static one.
+    outputs.set_shape(layer.compute_output_shape(inputs.shape))
+    return outputs
 
 
 def _is_strided_pointwise(
@@ -184,15 +250,16 @@ def _is_strided_pointwise(
     )
 
 
-def upgrade_strided_pointwise(config: dict) -> dict:
-    """A serialized functional model with its strided 1x1 convolutions as `Conv2D`.
+def upgrade_convolutions(config: dict) -> dict:
+    """A serialized functional model with this module's convolution layers.
 
-    Networks saved before their projection shortcuts were built with this
-    package's `Conv2D` hold `keras.layers.Conv2D` there, which calls the CPU
-    convolution kernels. The two compute the same function with the same
-    weights, laid out the same way in a `.keras` file, so loading such a
-    file through this config gives the same outputs. Every other entry is
-    returned unchanged.
+    Networks saved by earlier versions hold `keras.layers.Conv2D` and
+    `keras.layers.DepthwiseConv2D` layers, which reach the CPU kernels'
+    defects that `Conv2D` and `DepthwiseConv2D` route around (strided
+    `1 x 1` convolutions, empty batches). The two compute the same
+    function with the same weights, laid out the same way in a `.keras`
+    file, so loading such a file through this config gives the same outputs
+    without the defects. Every other entry is returned unchanged.
 
     Args:
         config: `keras.saving.serialize_keras_object` of a functional model
@@ -205,30 +272,28 @@ def upgrade_strided_pointwise(config: dict) -> dict:
 
     >>> config = keras.saving.serialize_keras_object(saved_backbone)
     >>> backbone = keras.saving.deserialize_keras_object(
-    ...     upgrade_strided_pointwise(config))
+    ...     upgrade_convolutions(config))
     """
     layers = config.get("config", {}).get("layers")
     if not isinstance(layers, list):
         return config
-    identity = {
-        "module": Conv2D.__module__,
-        "class_name": Conv2D.__name__,
-        "registered_name": keras.saving.get_registered_name(Conv2D),
+    identities = {
+        cls.__name__: {
+            "module": cls.__module__,
+            "class_name": cls.__name__,
+            "registered_name": keras.saving.get_registered_name(cls),
+        }
+        for cls in (Conv2D, DepthwiseConv2D)
     }
 
     def upgraded(layer):
-        if not (
+        plain = (
             isinstance(layer, dict)
             and layer.get("module") == "keras.layers"
-            and layer.get("class_name") == "Conv2D"
+            and layer.get("class_name") in identities
             and isinstance(layer.get("config"), dict)
-        ):
-            return layer
-        try:
-            pointwise = _is_strided_pointwise(**layer["config"])
-        except TypeError:  # Malformed; Keras reports it when it loads.
-            return layer
-        return {**layer, **identity} if pointwise else layer
+        )
+        return {**layer, **identities[layer["class_name"]]} if plain else layer
 
     return {
         **config,
@@ -263,9 +328,8 @@ def conv2d(
     """2D convolution with PyTorch padding semantics.
 
     A `"valid"` convolution whose kernel size equals its stride is built as a
-    `PatchConv2D`, and a strided `1 x 1` convolution as this module's
-    `Conv2D`; both compute the same function with the same weights as
-    `keras.layers.Conv2D`.
+    `PatchConv2D`, any other as this module's `Conv2D`; both compute the
+    same function with the same weights as `keras.layers.Conv2D`.
 
     Args:
         x: Input tensor of shape `(batch, height, width, channels)`.
@@ -286,11 +350,7 @@ def conv2d(
     if padding == "same":
         x, padding = _pad_for_stride(x, kernel_size, strides, name)
     patchwise = kernel_size == strides > 1 and padding == "valid" and groups == 1
-    pointwise = kernel_size == 1 and strides > 1 and groups == 1
-    layer = (
-        PatchConv2D if patchwise else Conv2D if pointwise else keras.layers.Conv2D
-    )
-    return layer(
+    return (PatchConv2D if patchwise else Conv2D)(
         filters,
         kernel_size,
         strides=strides,
@@ -315,7 +375,7 @@ def depthwise_conv2d(x, kernel_size: int, *, strides: int = 1, name: str):
         Output tensor of shape `(batch, height', width', channels)`.
     """
     x, padding = _pad_for_stride(x, kernel_size, strides, name)
-    return keras.layers.DepthwiseConv2D(
+    return DepthwiseConv2D(
         kernel_size,
         strides=strides,
         padding=padding,

@@ -1,0 +1,95 @@
+"""A replica's empty share of a batch goes through every network correctly.
+
+`tf.distribute` splits a batch of one example over two replicas as 1 + 0.
+On an empty batch TensorFlow's convolution kernels go wrong: oneDNN's
+return the *input's* shape (``tf.nn.conv2d`` of ``[0, 8, 8, 3]`` images with
+4 filters gives ``[0, 8, 8, 3]``), so with synchronised batch norm the next
+all-reduce failed ("Shape mismatch in the collective"); the default
+depthwise kernel's weight gradient is not zero. Each kernel setting runs in
+its own process (``python test_empty_batches.py``) with two logical CPU
+devices, and checks ResNet-18 with each exit head: on the empty replica
+every output has the output spec's shape with 0 rows, in training and in
+inference mode, and every weight's gradient is zero.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from cli_support import REPO, environment, last_line
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 8
+TINY = 0.0625
+NETWORKS = ("resnet18",)
+"""Its layers are every kind the others have (3x3, strided 1x1 and patch
+convolutions, depthwise ones in the attention head); the deeper networks
+take minutes to trace on two replicas."""
+
+
+def child() -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from selfkd_tf.models import EXIT_HEADS, build_multi_exit_resnet
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    images = np.ones((1, IMAGE_SIZE, IMAGE_SIZE, 3), "float32")
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(images).batch(1))
+    shares = strategy.experimental_local_results(next(iter(dataset)))
+    assert [int(t.shape[0]) for t in shares] == [1, 0]
+    checked = 0
+    for arch in NETWORKS:
+        for head in EXIT_HEADS:
+            with strategy.scope():
+                # Synchronised batch norm: the empty replica takes part in
+                # every all-reduce, so it runs the whole network.
+                model = build_multi_exit_resnet(
+                    arch, NUM_CLASSES, (IMAGE_SIZE, IMAGE_SIZE, 3), 4, head, TINY,
+                    sync_batchnorm=True)
+
+            def step(x):
+                with tf.GradientTape() as tape:
+                    training = model(x, training=True)
+                    loss = tf.add_n([tf.reduce_sum(z) for z in training["logits"]])
+                return ([training, model(x, training=False)],
+                        tape.gradient(loss, model.trainable_variables))
+
+            # As in `fit`: the step is traced with the batch size unknown.
+            @tf.function
+            def distributed_step(iterator):
+                return strategy.run(step, args=(next(iterator),))
+
+            outputs, gradients = distributed_step(iter(dataset))
+            specs = tf.nest.flatten(model.output) * 2
+            empty = [strategy.experimental_local_results(t)[1]
+                     for t in tf.nest.flatten(outputs)]
+            for got, spec in zip(empty, specs, strict=True):
+                assert tuple(got.shape) == (0, *spec.shape[1:]), (
+                    arch, head, spec.name, got.shape)
+            for variable, gradient in zip(model.trainable_variables, gradients):
+                # The empty replica's own gradient: it has no example to add.
+                assert gradient is None or not np.any(
+                    strategy.experimental_local_results(gradient)[1]), (
+                        arch, head, variable.path)
+            checked += 1
+    print(f"checked {checked} networks")
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_every_network_passes_an_empty_replica_share(onednn):
+    result = subprocess.run(
+        [sys.executable, __file__], cwd=REPO,
+        env={**environment(), "TF_ENABLE_ONEDNN_OPTS": onednn},
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_line(result.stdout) == f"checked {len(NETWORKS) * 2} networks"
+
+
+if __name__ == "__main__":
+    child()
