@@ -7,7 +7,7 @@ return the *input's* shape (``tf.nn.conv2d`` of ``[0, 8, 8, 3]`` images with
 all-reduce failed ("Shape mismatch in the collective"); the default
 depthwise kernel's weight gradient is not zero. Each kernel setting runs in
 its own process (``python test_empty_batches.py``) with two logical CPU
-devices, and checks ResNet-18 with each exit head: on the empty replica
+devices, and checks two stages of ResNet-18 with each exit head: on the empty replica
 every output has the output spec's shape with 0 rows, in training and in
 inference mode, and every weight's gradient is zero.
 """
@@ -23,9 +23,10 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 8
 TINY = 0.0625
 NETWORKS = ("resnet18",)
-"""Its layers are every kind the others have (3x3, strided 1x1 and patch
-convolutions, depthwise ones in the attention head); the deeper networks
-take minutes to trace on two replicas."""
+NUM_STAGES = 2
+"""Two stages of ResNet-18 hold every kind of layer the networks have (3x3,
+strided 3x3 and 1x1, and patch convolutions, depthwise ones in the attention
+head); whole and deeper networks take minutes to trace on two replicas."""
 
 
 def child() -> None:
@@ -50,8 +51,8 @@ def child() -> None:
                 # Synchronised batch norm: the empty replica takes part in
                 # every all-reduce, so it runs the whole network.
                 model = build_multi_exit_resnet(
-                    arch, NUM_CLASSES, (IMAGE_SIZE, IMAGE_SIZE, 3), 4, head, TINY,
-                    sync_batchnorm=True)
+                    arch, NUM_CLASSES, (IMAGE_SIZE, IMAGE_SIZE, 3), NUM_STAGES, head,
+                    TINY, sync_batchnorm=True)
 
             def step(x):
                 with tf.GradientTape() as tape:
