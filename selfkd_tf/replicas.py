@@ -58,8 +58,11 @@ def forward_unless_empty(forward: Callable[[], object], batch_size: tf.Tensor,
     """``forward()``, or empty outputs when this replica holds no example.
 
     Per-replica batch norm over zero examples computes 0/0 statistics: NaN
-    in the moving statistics and, through gamma's gradient, in the weights.
-    Empty outputs contribute nothing to a loss summed over examples.
+    in the moving statistics and, through gamma's gradient, in the weights;
+    and TensorFlow's CPU convolutions go wrong on an empty batch (oneDNN's
+    return the input's shape, the default depthwise kernel a nonzero weight
+    gradient). Empty outputs contribute nothing to a loss summed over
+    examples.
     Synchronised batch norm must not be skipped (its all-reduce needs every
     replica) and needs no skipping (it divides by the count over all
     replicas).

@@ -322,9 +322,14 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
 
     def _training_forward(self, images: tf.Tensor, batch_size: tf.Tensor,
                           num_replicas: int):
-        """Training-mode outputs of this replica's examples, which may be none."""
+        """Training-mode outputs of this replica's examples, which may be none.
+
+        An empty share skips the network unless synchronised batch norm needs
+        this replica in its all-reduces (then the network's layers must cope
+        with an empty batch, as `selfkd_tf.models.primitives`' do).
+        """
         forward = lambda: self(images, training=True)  # noqa: E731
-        if num_replicas == 1 or not replicas.per_replica_batch_norms(self.backbone):
+        if num_replicas == 1 or replicas.has_synchronized_batch_norm(self.backbone):
             return forward()
         return replicas.forward_unless_empty(forward, batch_size, self.backbone.output)
 

@@ -78,6 +78,7 @@ class PatchConv2D(keras.layers.Conv2D):
 
     Example:
 
+    >>> import numpy as np
     >>> layer = PatchConv2D(16, 4)
     >>> layer(np.zeros((2, 32, 32, 8), "float32")).shape
     (2, 8, 8, 16)
@@ -138,11 +139,12 @@ class Conv2D(keras.layers.Conv2D):
     - **Empty batches.** oneDNN's convolutions return an empty batch in the
       shape of their *input* (`[0, H, W, C_in]`), not of their output, so
       the next layer sees the wrong number of channels: a replica whose
-      share of a batch is empty (`tf.distribute` with synchronised batch
-      norm, evaluation, prediction) failed with "Shape mismatch in the
-      collective". Under a strategy with several replicas an empty batch
-      never reaches the kernel here: it gets zeros of the output's shape,
-      and the kernel a zero gradient.
+      share of a batch is empty failed: training with synchronised batch
+      norm with "Shape mismatch in the collective", evaluation and
+      prediction with a shape error in the next layer. Under a strategy with
+      several replicas an empty batch never reaches the kernel here
+      (`channels_last` only): it gets zeros of the output's shape, and the
+      kernel a zero gradient.
 
     Every other input is computed by `keras.layers.Conv2D` itself. Weights,
     variable names and the configuration are those of `keras.layers.Conv2D`.
@@ -154,6 +156,7 @@ class Conv2D(keras.layers.Conv2D):
 
     Example:
 
+    >>> import numpy as np
     >>> layer = Conv2D(16, 1, strides=2, padding="same")
     >>> layer(np.zeros((2, 7, 7, 8), "float32")).shape
     (2, 4, 4, 16)
@@ -183,15 +186,17 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """`keras.layers.DepthwiseConv2D` that keeps a replica's empty batch from the kernels.
 
     On an empty batch TensorFlow's depthwise kernels give wrong results:
-    oneDNN's forward pass the input's shape, and the default kernel's
+    oneDNN's forward pass returns the input's shape, and the default kernel's
     gradient of the depthwise weights is not zero. Under a strategy with
     several replicas, an empty batch (a replica's empty share of a batch)
-    gets zeros of the output's shape and a zero gradient instead. Weights, variable names and configuration are
+    gets zeros of the output's shape and a zero gradient instead
+    (`channels_last` only). Weights, variable names and configuration are
     those of `keras.layers.DepthwiseConv2D`, whose name the class keeps for
     the same reason as `Conv2D`.
 
     Example:
 
+    >>> import numpy as np
     >>> DepthwiseConv2D(3, depth_multiplier=2)(np.zeros((2, 7, 7, 4), "float32")).shape
     (2, 5, 5, 8)
     """
