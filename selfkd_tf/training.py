@@ -320,29 +320,17 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             tracker.update_state(labels, p)
         self.ensemble_accuracy.update_state(labels, tf.add_n(probs) / len(probs))
 
-    def _training_forward(self, images: tf.Tensor, batch_size: tf.Tensor,
-                          num_replicas: int):
-        """Training-mode outputs of this replica's examples, which may be none.
+    def _forward(self, images: tf.Tensor, training: bool):
+        """Outputs of this replica's examples, which may be none.
 
-        An empty share skips the network unless synchronised batch norm needs
-        this replica in its all-reduces (then the network's layers must cope
-        with an empty batch, as `selfkd_tf.models.primitives`' do).
+        An empty share skips the network (see `replicas.forward_unless_empty`)
+        unless synchronised batch norm needs this replica in its training
+        all-reduces; then the network's layers must cope with an empty batch,
+        as `selfkd_tf.models.primitives`' do.
         """
-        forward = lambda: self(images, training=True)  # noqa: E731
-        if num_replicas == 1 or replicas.has_synchronized_batch_norm(self.backbone):
-            return forward()
-        return replicas.forward_unless_empty(forward, batch_size, self.backbone.output)
-
-    def _inference_forward(self, images: tf.Tensor):
-        """Inference-mode outputs of this replica's examples, which may be none.
-
-        A replica's share of an evaluation or prediction batch can be empty,
-        and oneDNN's convolutions return an empty batch in their input's
-        shape, which the layers after them refuse; inference has no
-        collective to take part in, so an empty share skips the network.
-        """
-        forward = lambda: self(images, training=False)  # noqa: E731
-        if tf.distribute.get_replica_context().num_replicas_in_sync == 1:
+        forward = lambda: self(images, training=training)  # noqa: E731
+        if (tf.distribute.get_replica_context().num_replicas_in_sync == 1
+                or training and replicas.has_synchronized_batch_norm(self.backbone)):
             return forward()
         return replicas.forward_unless_empty(
             forward, tf.shape(images)[0], self.backbone.output)
@@ -372,7 +360,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             teacher_valid = tf.gather(self.soft_target_valid.value, index)
 
         with tf.GradientTape() as tape:
-            outputs = self._training_forward(images, batch_size, num_replicas)
+            outputs = self._forward(images, training=True)
             terms = losses.selfkd_loss(
                 outputs["logits"], outputs["features"], labels, config,
                 teacher_probs=teacher_probs, alpha_t=self.pskd_alpha_t.value,
@@ -430,7 +418,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
 
     def test_step(self, data):
         images, _, labels, sample_weight = batches.unpack(data)
-        outputs = self._inference_forward(images)
+        outputs = self._forward(images, training=False)
         deepest = tf.cast(outputs["logits"][-1], tf.float32)
         # Per example, so the mean runs over every replica's examples.
         nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -447,7 +435,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
 
     def predict_step(self, data):
         images, _, _, _ = batches.unpack(data)
-        return self._inference_forward(images)
+        return self._forward(images, training=False)
 
     # -- serialisation --------------------------------------------------
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 from selfkd_tf.models import ARCHITECTURES
 from selfkd_tf.models import EXIT_HEADS
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.models.primitives import Conv2D
+from selfkd_tf.models.primitives import Conv2D, DepthwiseConv2D
 from selfkd_tf.models.primitives import PatchConv2D
 
 TINY = 0.0625
@@ -364,10 +364,11 @@ def test_every_strided_pointwise_convolution_is_a_matrix_product(arch, exit_head
 
 
 def _with_plain_convolutions(backbone):
-    """The same network with keras.layers.Conv2D convolutions, as saved before."""
+    """The same network with Keras's convolution layers, as saved before."""
     config = keras.saving.serialize_keras_object(backbone)
     for layer in config["config"]["layers"]:
-        if layer["module"] == Conv2D.__module__ and layer["class_name"] == "Conv2D":
+        if (layer["module"] == Conv2D.__module__
+                and layer["class_name"] in ("Conv2D", "DepthwiseConv2D")):
             layer.update(module="keras.layers", registered_name=None)
     old = keras.saving.deserialize_keras_object(config)
     old.set_weights(backbone.get_weights())
@@ -390,13 +391,16 @@ def test_files_with_plain_convolutions_load_with_the_same_outputs(tmp_path):
         return model
 
     def build():
+        # The attention heads hold depthwise convolutions as well.
         return build_multi_exit_resnet("resnet18", 3, (8, 8, 3), num_stages=3,
-                                       width_multiplier=TINY)
+                                       exit_head="attention", width_multiplier=TINY)
 
     keras.utils.set_random_seed(1)
     old = selfkd_model(_with_plain_convolutions(build()))
     shortcut = old.backbone.get_layer("stage2_block1_shortcut_conv")
     assert type(shortcut) is keras.layers.Conv2D and shortcut.strides == (2, 2)
+    depthwise = old.backbone.get_layer("exit1_head_mask_sepconv_dwconv1")
+    assert type(depthwise) is keras.layers.DepthwiseConv2D
     old.save(tmp_path / "old.keras")
     TrainingCheckpoint(old, str(tmp_path / "checkpoints")).save(Position(), 0)
     x = images(5, 8)
@@ -409,6 +413,8 @@ def test_files_with_plain_convolutions_load_with_the_same_outputs(tmp_path):
         for name in ("stage2_block1_shortcut_conv", "stage3_block1_shortcut_conv",
                      "stem_conv", "stage2_block1_conv1"):
             assert type(model.backbone.get_layer(name)) is Conv2D
+        depthwise = model.backbone.get_layer("exit1_head_mask_sepconv_dwconv1")
+        assert type(depthwise) is DepthwiseConv2D
         actual = model(x, training=False)["logits"]
         for want, got in zip(expected, actual, strict=True):
             np.testing.assert_allclose(keras.ops.convert_to_numpy(got),

@@ -283,9 +283,6 @@ def child(replicas: int, out: pathlib.Path) -> None:
 # -- tests ----------------------------------------------------------------------
 
 
-# Both CPU kernel sets: oneDNN's convolutions return an empty batch in the
-# input's shape, which broke a replica with an empty share (it is the
-# default on some CPUs, off on others).
 def _results(tmp_path_factory, replicas: int, onednn: str = "1") -> dict[str, np.ndarray]:
     """The child's results for ``replicas`` replicas, computed once per session."""
     name = f"uneven{replicas}_onednn{onednn}"
@@ -304,8 +301,10 @@ def _results(tmp_path_factory, replicas: int, onednn: str = "1") -> dict[str, np
         return dict(results)
 
 
-# Three replicas run with oneDNN only, to keep the suite's time; two cover
-# the default kernels.
+# Both CPU kernel sets (oneDNN is the default on some CPUs, off on others):
+# oneDNN's convolutions return an empty batch in the input's shape, which
+# broke a replica with an empty share. Three replicas run with oneDNN only,
+# to keep the suite's time; two cover the default kernels too.
 @pytest.fixture(
     scope="module", params=[(2, "0"), (2, "1"), (3, "1")],
     ids=lambda p: f"{p[0]}replicas-onednn{p[1]}",

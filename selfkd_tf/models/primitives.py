@@ -178,7 +178,7 @@ class Conv2D(keras.layers.Conv2D):
         if self._subsamples:
             rows, columns = self.strides
             return _project(self, inputs[:, ::rows, ::columns, :])
-        return _unless_empty(self, keras.layers.Conv2D.call, inputs, self.filters)
+        return _unless_empty(self, keras.layers.Conv2D.call, inputs)
 
 
 @keras.saving.register_keras_serializable(package="selfkd_tf")
@@ -202,11 +202,10 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """
 
     def call(self, inputs):
-        channels = inputs.shape[-1] * self.depth_multiplier
-        return _unless_empty(self, keras.layers.DepthwiseConv2D.call, inputs, channels)
+        return _unless_empty(self, keras.layers.DepthwiseConv2D.call, inputs)
 
 
-def _unless_empty(layer, call, inputs, channels: int):
+def _unless_empty(layer, call, inputs):
     """``call(layer, inputs)``, or zeros of its output's shape for an empty batch.
 
     The kernels' defects on empty batches are described in `Conv2D` and
@@ -222,6 +221,7 @@ def _unless_empty(layer, call, inputs, channels: int):
     if (layer.data_format != "channels_last" or context is None
             or context.num_replicas_in_sync == 1):
         return call(layer, inputs)
+    static = layer.compute_output_shape(inputs.shape)
     shape = tf.shape(inputs)
     sizes = []
     for axis, kernel, stride, dilation in zip(
@@ -234,19 +234,18 @@ def _unless_empty(layer, call, inputs, channels: int):
     outputs = tf.cond(
         shape[0] > 0,
         lambda: call(layer, inputs),
-        lambda: tf.zeros(tf.stack([shape[0], *sizes, channels]), layer.compute_dtype),
+        lambda: tf.zeros(tf.stack([shape[0], *sizes, static[-1]]), layer.compute_dtype),
     )
     # The zeros' shape is computed; the layers after need the static one.
-    outputs.set_shape(layer.compute_output_shape(inputs.shape))
+    outputs.set_shape(static)
     return outputs
 
 
 def _is_strided_pointwise(
-    kernel_size=(1, 1), strides=(1, 1), groups=1, dilation_rate=(1, 1),
-    data_format="channels_last", **_,
+    *, kernel_size, strides, groups, dilation_rate, data_format
 ) -> bool:
-    """Whether `Conv2D` arguments (or a config) describe a strided 1x1
-    convolution that `Conv2D` computes as a matrix product."""
+    """Whether `Conv2D` arguments describe a strided 1x1 convolution that
+    `Conv2D` computes as a matrix product."""
     return (
         tuple(kernel_size) == (1, 1)
         and tuple(strides) != (1, 1)
