@@ -10,7 +10,7 @@ order, the modules holding serialisable classes are imported too.
 Keras and TensorFlow each import the other part-way through their own
 import, and the registering modules use both and import the package's other
 modules, so registration waits until neither Keras, TensorFlow nor any module
-of this package is still being imported (e.g. ``import selfkd_tf.callbacks``
+of this package is still being imported (e.g. ``import selfkd_tf.experiment.callbacks``
 imports Keras half-way through its own code). A small import hook does the waiting;
 general-purpose post-import hooks (``wrapt``) cost more start-up time than
 the package's whole import.
@@ -29,8 +29,8 @@ import sys
 SERIALIZABLE_MODULES = (
     "selfkd_tf.models",
     "selfkd_tf.optimizers",
-    "selfkd_tf.streaming_metrics",
-    "selfkd_tf.training",
+    "selfkd_tf.evaluation.streaming_metrics",
+    "selfkd_tf.distillation.model",
 )
 """The modules whose classes carry `keras.saving.register_keras_serializable`."""
 

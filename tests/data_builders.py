@@ -1,6 +1,6 @@
 """Small datasets in every supported format, and readers of the pipelines.
 
-Shared by the tests of `selfkd_tf.data` and of each `selfkd_tf.sources`
+Shared by the tests of `selfkd_tf.data` and of each `selfkd_tf.data.sources`
 module.
 """
 

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 
-from selfkd_tf import losses
+from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 NAMES = ("cat", "dog", "owl", "eel", "yak")
@@ -16,7 +16,7 @@ def tiny_model(seed: int) -> SelfKDModel:
     keras.utils.set_random_seed(seed)
     backbone = build_multi_exit_resnet("resnet18", len(NAMES), input_shape=(16, 16, 3),
                                        num_stages=3, width_multiplier=0.0625)
-    return SelfKDModel(backbone, num_train_examples=8, config=losses.SelfKDConfig(),
+    return SelfKDModel(backbone, num_train_examples=8, config=SelfKDConfig(),
                        input_mean=MEAN, input_std=STD)
 
 

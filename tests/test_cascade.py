@@ -9,9 +9,12 @@ import pytest
 import tensorflow as tf
 
 from cli_support import environment
-from selfkd_tf import export
-from selfkd_tf.cascade import EarlyExitCascade, check_threshold, exit_segments
-from selfkd_tf.early_exit import first_confident_exit
+from selfkd_tf.models import costs as costs_lib
+from selfkd_tf.models import multi_exit
+from selfkd_tf.serving import saved_model as export
+from selfkd_tf.models.multi_exit import exit_segments
+from selfkd_tf.serving.cascade import EarlyExitCascade, check_threshold
+from selfkd_tf.serving.early_exit import first_confident_exit
 from serving_support import NAMES, normalized, tiny_model
 
 
@@ -115,10 +118,10 @@ def test_segments_compose_to_the_backbone_and_split_its_flops(model, images, ref
     for k, (stage, head) in enumerate(zip(segments.stages, segments.heads)):
         features = stage(features, training=False)
         np.testing.assert_allclose(head(features, training=False), reference[k], atol=1e-5)
-    costs = export.exit_costs(model.backbone)
-    assert sum(costs.stage_flops) + sum(costs.head_flops) == export.count_flops(model.backbone)
+    costs = costs_lib.exit_costs(model.backbone)
+    assert sum(costs.stage_flops) + sum(costs.head_flops) == costs_lib.count_flops(model.backbone)
     for k in (1, 2, 3):
-        assert costs.single_exit(k) == export.count_flops(export.classifier(model.backbone, k))
+        assert costs.single_exit(k) == costs_lib.count_flops(multi_exit.exit_model(model.backbone, k))
     assert costs.cascade_exit(1) < costs.cascade_exit(2) < costs.cascade_exit(3)
     assert costs.cascade_exit(3) - costs.single_exit(3) == sum(costs.head_flops[:2])
 
@@ -171,7 +174,7 @@ def served(model, images, threshold, tmp_path_factory):
 
 def test_cascade_export_summary(served, model, threshold):
     summary, _ = served
-    costs = export.exit_costs(model.backbone)
+    costs = costs_lib.exit_costs(model.backbone)
     assert (summary.exit, summary.threshold) == ("cascade", threshold)
     assert summary.exit_flops == tuple(costs.cascade_exit(k) for k in (1, 2, 3))
     assert (summary.params, summary.flops) == (summary.training_params, summary.training_flops)

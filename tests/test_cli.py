@@ -15,11 +15,12 @@ import pytest
 from absl import flags
 
 from cli_support import CONFIGS, REPO, environment, last_line, run_cli, write_npz
-from selfkd_tf import experiment
+from selfkd_tf.experiment import training as experiment
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import program
-from selfkd_tf.run_directory import RUN_FILES
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.rundir.layout import RUN_FILES
+from selfkd_tf.experiment.settings import TrainSettings
+from selfkd_tf.errors import SettingsError
 from test_epoch_logs import tensorboard_scalars
 
 # TensorFlow's C++ start-up messages on a machine without a GPU.

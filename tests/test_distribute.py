@@ -22,13 +22,13 @@ import pytest
 import tensorflow as tf
 
 from cluster_support import run_once, tf_config, wait_all
-from selfkd_tf import losses
-from selfkd_tf.cluster import local_addresses
-from selfkd_tf.distribute import make_strategy, set_mixed_precision
+from selfkd_tf.distillation.config import SelfKDConfig
+from selfkd_tf.distribution.cluster import local_addresses
+from selfkd_tf.distribution.strategy import make_strategy, set_mixed_precision
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.multiworker import DEFECT_BATCH_REDUCE, keras_multiworker_defects
+from selfkd_tf.distribution.multiworker import DEFECT_BATCH_REDUCE, keras_multiworker_defects
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 from training_support import StepRecorder
 
@@ -100,7 +100,7 @@ def _dense_model(strategy: tf.distribute.Strategy) -> SelfKDModel:
         logits = keras.layers.Dense(NUM_CLASSES, dtype="float32")(feature)
         backbone = keras.Model(inputs, {"logits": [logits], "features": [feature]})
         return SelfKDModel(
-            backbone, config=losses.SelfKDConfig(methods=()), weight_decay=0.0
+            backbone, config=SelfKDConfig(methods=()), weight_decay=0.0
         )
 
 

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from cli_support import last_line, run_cli, write_npz
-from selfkd_tf import early_exit, experiment
-from selfkd_tf.early_exit import (DEFAULT_THRESHOLDS, early_exit_curve, first_confident_exit,
+from selfkd_tf.serving import early_exit
+from selfkd_tf.experiment import training as experiment
+from selfkd_tf.serving.early_exit import (DEFAULT_THRESHOLDS, early_exit_curve, first_confident_exit,
                                   select_threshold)
-from selfkd_tf.export import ExitCosts
-from selfkd_tf.metrics import top_k_error
+from selfkd_tf.models.costs import ExitCosts
+from selfkd_tf.metrics.scores import top_k_error
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.evaluation import evaluate_trained, load_trained_model
-from selfkd_tf.settings import TrainSettings
+from selfkd_tf.experiment.trained import evaluate_trained, load_trained_model
+from selfkd_tf.experiment.settings import TrainSettings
 
 COSTS = ExitCosts(stage_flops=(100, 200, 300), head_flops=(10, 20, 5))
 

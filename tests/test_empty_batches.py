@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from cli_support import REPO, environment, last_line
+from cli_support import REPO, environment
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
@@ -91,9 +91,9 @@ def train_own_backbones(strategy) -> None:
     import keras
     import numpy as np
 
-    from selfkd_tf.losses import SelfKDConfig
+    from selfkd_tf.distillation.config import SelfKDConfig
     from selfkd_tf.optimizers import make_optimizer
-    from selfkd_tf.training import SelfKDModel
+    from selfkd_tf.distillation.model import SelfKDModel
 
     for norm in ("none", "frozen"):
         with strategy.scope():

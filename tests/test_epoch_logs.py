@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from selfkd_tf import losses
-from selfkd_tf.callbacks import EpochSummary, EpochTensorBoard, HistoryCSV, SoftTargetRefresh
+from selfkd_tf.distillation.config import SelfKDConfig
+from selfkd_tf.distillation.pskd import SoftTargetRefresh
+from selfkd_tf.experiment.callbacks import EpochSummary, EpochTensorBoard, HistoryCSV
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 
 NUM_CLASSES = 4
@@ -25,7 +26,7 @@ def _model(n, methods=("pskd",), pskd_alpha=0.8, lr=0.05, schedule="constant",
     backbone = build_multi_exit_resnet(
         "resnet18", NUM_CLASSES, input_shape=(16, 16, 3), num_stages=2,
         width_multiplier=0.0625)
-    model = SelfKDModel(backbone, num_train_examples=n, config=losses.SelfKDConfig(
+    model = SelfKDModel(backbone, num_train_examples=n, config=SelfKDConfig(
         methods=methods, pskd_alpha=pskd_alpha))
     model.compile(optimizer=make_optimizer(lr, schedule=schedule, epochs=epochs,
                                            steps_per_epoch=steps))

@@ -6,10 +6,11 @@ import shutil
 import pytest
 
 from cli_support import run_cli, write_npz
-from selfkd_tf import experiment
-from selfkd_tf.metrics import METRIC_KEYS
-from selfkd_tf.evaluation import evaluate_trained, load_trained_model
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.experiment import training as experiment
+from selfkd_tf.metrics.scores import METRIC_KEYS
+from selfkd_tf.experiment.trained import evaluate_trained, load_trained_model
+from selfkd_tf.experiment.settings import TrainSettings
+from selfkd_tf.errors import SettingsError
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_eval_help_names_the_files_it_writes():
     text = " ".join(result.stdout.split())
     description = text.split(" flags: ")[0]
     # By default the record goes beside the model, one file per split.
-    assert "writes the record (`selfkd_tf.metrics_record` schema) to ``metrics_<split>.json`` " \
+    assert "writes the record (`selfkd_tf.metrics.record` schema) to ``metrics_<split>.json`` " \
         "beside the model" in description
     assert "``metrics.json`` record" not in description
     assert "--[no]early_exit: Instead of metrics_<split>.json, sweep" in text

@@ -13,8 +13,11 @@ import pytest
 import tensorflow as tf
 
 from cli_support import environment, last_line, run_cli
-from selfkd_tf import data, export
-from selfkd_tf.settings import TrainSettings
+from selfkd_tf.models import costs as costs_lib
+from selfkd_tf.models import multi_exit
+from selfkd_tf import data
+from selfkd_tf.serving import saved_model as export
+from selfkd_tf.experiment.settings import TrainSettings
 from serving_support import NAMES, normalized, tiny_model
 
 
@@ -64,14 +67,14 @@ def _layer_prefixes(network):
 
 
 def test_classifier_holds_only_what_the_exit_needs(model):
-    deepest = export.classifier(model.backbone, 3)
+    deepest = multi_exit.exit_model(model.backbone, 3)
     assert _layer_prefixes(deepest) == {"image", "stem", "stage1", "stage2", "stage3", "exit3"}
-    shallowest = export.classifier(model.backbone, 1)
+    shallowest = multi_exit.exit_model(model.backbone, 1)
     assert _layer_prefixes(shallowest) == {"image", "stem", "stage1", "exit1"}
-    ensemble = export.classifier(model.backbone, "ensemble")
-    assert export.count_parameters(ensemble) == export.count_parameters(model.backbone)
-    assert export.count_parameters(shallowest) < export.count_parameters(deepest)
-    assert export.count_parameters(deepest) < export.count_parameters(model.backbone)
+    ensemble = multi_exit.exit_model(model.backbone, "ensemble")
+    assert costs_lib.count_parameters(ensemble) == costs_lib.count_parameters(model.backbone)
+    assert costs_lib.count_parameters(shallowest) < costs_lib.count_parameters(deepest)
+    assert costs_lib.count_parameters(deepest) < costs_lib.count_parameters(model.backbone)
 
 
 @pytest.mark.parametrize("exit", [4, "0", "x", "2.0"])
@@ -167,7 +170,7 @@ def test_export_command_reports_params_and_flops(model, tmp_path):
         [int(v.replace(",", "")) for v in line.split()[-2:]] for line in lines[2:4]]
     assert lines[2].startswith("export") and lines[3].startswith("training model")
     assert export_params < train_params and export_flops < train_flops
-    assert train_params == export.count_parameters(model.backbone)
+    assert train_params == costs_lib.count_parameters(model.backbone)
     assert (out / "saved_model.pb").exists()
 
 
@@ -187,7 +190,7 @@ def test_cascade_export_command_names_the_runs_classes(model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0] == f"Exported the 3-exit cascade (threshold 0.7) to {out}"
-    costs = export.exit_costs(model.backbone)
+    costs = costs_lib.exit_costs(model.backbone)
     assert [line.split()[:4] for line in lines[4:7]] == [
         ["answer", "at", "exit", str(k)] for k in (1, 2, 3)]
     assert [int(line.split()[-1].replace(",", "")) for line in lines[4:7]] == [

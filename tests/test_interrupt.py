@@ -12,12 +12,12 @@ import pytest
 import tensorflow as tf
 
 from cli_support import CONFIGS, REPO, command, environment, last_line, write_npz
-from selfkd_tf import checkpointing
+from selfkd_tf.experiment import checkpointing
 from selfkd_tf.cli import program
-from selfkd_tf.losses import SelfKDConfig
+from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 
 MESSAGE = re.compile(
     r"^selfkd-train: error: interrupted at epoch \d+ step \d+; rerun the same "

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from selfkd_tf import losses
-from selfkd_tf.losses import SelfKDConfig
+from selfkd_tf.distillation.config import METHODS, SelfKDConfig
+from selfkd_tf.distillation import losses
+from selfkd_tf.distillation import pskd
 
 B, C, D, N = 4, 5, 6, 3
 
@@ -79,7 +80,7 @@ def _tf(xs):
 
 
 ALL_COMBINATIONS = [
-    combo for r in range(4) for combo in itertools.combinations(losses.METHODS, r)
+    combo for r in range(4) for combo in itertools.combinations(METHODS, r)
 ]
 
 
@@ -121,9 +122,9 @@ def test_unit_weights_give_the_unweighted_objective(batch):
 def test_out_of_range_labels_are_refused():
     # tf.one_hot would give an all-zero target, a loss of 0, without a word.
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"class ids must be in \[0, 3\)"):
-        losses.soft_targets(tf.constant([0, 3]), 3)
+        pskd.soft_targets(tf.constant([0, 3]), 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="class ids"):
-        losses.soft_targets(tf.constant([-1, 0]), 3)
+        pskd.soft_targets(tf.constant([-1, 0]), 3)
 
 
 def test_hand_computed_two_class_case():
@@ -136,7 +137,7 @@ def test_hand_computed_two_class_case():
         teacher_probs=tf.constant([[0.2, 0.8]]), alpha_t=0.5,
     )
     assert float(terms["ce"]) == pytest.approx(np.log(2), rel=1e-6)
-    targets = losses.soft_targets(tf.constant([0]), 2, tf.constant([[0.2, 0.8]]), 0.5)
+    targets = pskd.soft_targets(tf.constant([0]), 2, tf.constant([[0.2, 0.8]]), 0.5)
     np.testing.assert_allclose(targets.numpy(), [[0.6, 0.4]], rtol=1e-6)
 
 
@@ -216,7 +217,7 @@ def _is_zero(g):
 def test_byot_kl_and_hint_give_no_gradient_to_the_deepest_exit(batch):
     logits, features, labels, _ = batch
     config = SelfKDConfig(methods=("byot",), byot_lambda=1.0)
-    targets = losses.soft_targets(tf.constant(labels), C)
+    targets = pskd.soft_targets(tf.constant(labels), C)
     for term in ("byot_kl", "byot_hint"):
         dz, df = _gradients(
             lambda z, f: losses.byot_terms(z, f, targets, config, float(B))[term],
@@ -235,7 +236,7 @@ def test_byot_kl_and_hint_give_no_gradient_to_the_deepest_exit(batch):
 def test_byot_kl_gradient_matches_numpy(batch):
     logits, features, labels, _ = batch
     config = SelfKDConfig(methods=("byot",), byot_exits=(1,), byot_alpha=0.5, temperature=2.0)
-    targets = losses.soft_targets(tf.constant(labels), C)
+    targets = pskd.soft_targets(tf.constant(labels), C)
     dz, _ = _gradients(
         lambda z, f: losses.byot_terms(z, f, targets, config, float(B))["byot_kl"],
         logits, features,
@@ -303,8 +304,8 @@ def test_weights_scale_each_examples_gradient(batch):
 
 def test_teacher_probabilities(batch):
     logits, *_ = batch
-    deepest = losses.teacher_probabilities(_tf(logits), "deepest")
-    ensemble = losses.teacher_probabilities(_tf(logits), "ensemble")
+    deepest = pskd.teacher_probabilities(_tf(logits), "deepest")
+    ensemble = pskd.teacher_probabilities(_tf(logits), "ensemble")
     np.testing.assert_allclose(deepest.numpy(), _softmax(logits[-1]), rtol=1e-5)
     np.testing.assert_allclose(
         ensemble.numpy(), np.mean([_softmax(z) for z in logits], axis=0), rtol=1e-5
@@ -312,8 +313,8 @@ def test_teacher_probabilities(batch):
 
 
 def test_alpha_schedule():
-    assert losses.pskd_alpha_at(0, 4, 0.8) == pytest.approx(0.2)
-    assert losses.pskd_alpha_at(3, 4, 0.8) == pytest.approx(0.8)
+    assert pskd.pskd_alpha_at(0, 4, 0.8) == pytest.approx(0.2)
+    assert pskd.pskd_alpha_at(3, 4, 0.8) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,12 @@ import keras
 import numpy as np
 import pytest
 
-from selfkd_tf import metrics, metrics_record, streaming_metrics
-from selfkd_tf.metrics import (
+from selfkd_tf.metrics import scores as metrics
+
+from selfkd_tf.metrics import record as metrics_record
+
+from selfkd_tf.evaluation import streaming_metrics
+from selfkd_tf.metrics.scores import (
     METRIC_KEYS,
     aurc,
     classification_metrics,
@@ -21,8 +25,8 @@ from selfkd_tf.metrics import (
     reliability_bins,
     top_k_error,
 )
-from selfkd_tf.metrics_record import build_metrics_record, write_metrics_json
-from selfkd_tf.streaming_metrics import ExpectedCalibrationError, NegativeLogLikelihood
+from selfkd_tf.metrics.record import build_metrics_record, write_metrics_json
+from selfkd_tf.evaluation.streaming_metrics import ExpectedCalibrationError, NegativeLogLikelihood
 
 
 def two_class(confidences, correct):

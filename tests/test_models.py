@@ -378,10 +378,10 @@ def _with_plain_convolutions(backbone):
 # Keras' own weight serialization trips a NumPy 2 deprecation notice.
 @pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")
 def test_files_with_plain_convolutions_load_with_the_same_outputs(tmp_path):
-    from selfkd_tf.checkpointing import Position, TrainingCheckpoint
-    from selfkd_tf.losses import SelfKDConfig
+    from selfkd_tf.experiment.checkpointing import Position, TrainingCheckpoint
+    from selfkd_tf.distillation.config import SelfKDConfig
     from selfkd_tf.optimizers import make_optimizer
-    from selfkd_tf.training import SelfKDModel
+    from selfkd_tf.distillation.model import SelfKDModel
 
     def selfkd_model(backbone):
         model = SelfKDModel(backbone, num_train_examples=6,

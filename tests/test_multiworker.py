@@ -22,10 +22,12 @@ from keras.src.backend.tensorflow import trainer as keras_trainer
 from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
 from cluster_support import (
     CHILD_TIMEOUT_S, kill_at_checkpoint, run_once, tf_config)
-from selfkd_tf import checkpointing, cluster, multiworker
-from selfkd_tf.distribute import make_strategy
-from selfkd_tf.evaluation import load_trained_model
-from selfkd_tf.run_directory import RUN_FILES
+from selfkd_tf.experiment import checkpointing
+from selfkd_tf.distribution import cluster
+from selfkd_tf.distribution import multiworker
+from selfkd_tf.distribution.strategy import make_strategy
+from selfkd_tf.experiment.trained import load_trained_model
+from selfkd_tf.rundir.layout import RUN_FILES
 
 STEPS_PER_EPOCH = 4  # 53 training examples in global batches of 16: the last holds 5
 # PS-KD alone (its table is part of what a resume must restore) and
@@ -106,7 +108,7 @@ _UNTOUCHED = textwrap.dedent("""
 
     before, weights_before = keras_functions(), plain_fit()
     import selfkd_tf
-    from selfkd_tf.multiworker import keras_multiworker_defects
+    from selfkd_tf.distribution.multiworker import keras_multiworker_defects
     keras_multiworker_defects()
     inputs = keras.Input((4,))
     feature = keras.layers.Dense(8)(inputs)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from selfkd_tf import checkpointing
+from selfkd_tf.experiment import checkpointing
 from selfkd_tf.optimizers import SGD, convert_momentum, learning_rate_schedule, make_optimizer
 
 # Keras's own weight serialization trips a NumPy 2 deprecation notice.

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from selfkd_tf.distribute import set_mixed_precision
+from selfkd_tf.distribution.strategy import set_mixed_precision
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 
 NUM_CLASSES = 4

@@ -1,10 +1,13 @@
-"""Whether a metrics record belongs to its run (`selfkd_tf.provenance`)."""
+"""Whether a metrics record belongs to its run (`selfkd_tf.report.provenance`)."""
 
 import json
 
 import pytest
 
-from selfkd_tf import provenance, runs as runs_lib
+from selfkd_tf.report import provenance
+
+from selfkd_tf.report import runs as runs_lib
+from selfkd_tf.rundir.reading import RunDirectoryError
 from record_support import record
 
 
@@ -54,7 +57,7 @@ def test_fields_either_side_lacks_are_not_compared(tmp_path):
     provenance.check_record(run, {**record("train", [5.0, 1.0]), "epochs": 9},
                             "m.json", reference=run.metrics)
     run = run_with(tmp_path, {"arch": "resnet18", "methods": []}, older)
-    with pytest.raises(runs_lib.RunDataError,
+    with pytest.raises(RunDirectoryError,
                        match=r"^m\.json: arch resnet50 in the record, resnet18 in "
                              r"the run's flags\.json: "):
         provenance.check_record(run, {**older, "arch": "resnet50"}, "m.json")

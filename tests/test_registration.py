@@ -10,9 +10,9 @@ import pytest
 
 from cli_support import REPO, environment
 from selfkd_tf import registration
-from selfkd_tf.losses import SelfKDConfig
+from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 
 
 def _registered_classes() -> dict[str, list[str]]:
@@ -32,7 +32,7 @@ def _registered_classes() -> dict[str, list[str]]:
 
 def test_every_module_with_serialisable_classes_is_registered_on_import():
     found = _registered_classes()
-    assert "SelfKDModel" in found["selfkd_tf.training"]
+    assert "SelfKDModel" in found["selfkd_tf.distillation.model"]
     for module in found:
         assert any(module == name or module.startswith(name + ".")
                    for name in registration.SERIALIZABLE_MODULES), module
@@ -47,8 +47,8 @@ IMPORTS = {
     "package, then tensorflow": "import selfkd_tf, tensorflow, keras",
     # A module of the package that imports Keras half-way through its own
     # code: registering then would import it again, half-initialised.
-    "callbacks module first": "import selfkd_tf.callbacks, keras",
-    "multiworker module first": "import selfkd_tf.multiworker, keras",
+    "callbacks module first": "import selfkd_tf.experiment.callbacks, keras",
+    "multiworker module first": "import selfkd_tf.distribution.multiworker, keras",
 }
 
 

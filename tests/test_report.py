@@ -10,8 +10,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from selfkd_tf import report, report_figures, runs as runs_lib
-from selfkd_tf.metrics_record import build_metrics_record, write_metrics_json
+from selfkd_tf.report import tables as report
+
+from selfkd_tf.report import figures as report_figures
+
+from selfkd_tf.report import runs as runs_lib
+from selfkd_tf.rundir.reading import RunDirectoryError
+from selfkd_tf.metrics.record import build_metrics_record, write_metrics_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -201,7 +206,7 @@ def test_write_report_outputs(runs_dir, tmp_path, caplog):
     root, _ = runs_dir
     runs = load([str(root)])
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="selfkd_tf.report"):
+    with caplog.at_level(logging.WARNING, logger="selfkd_tf.report.tables"):
         written = report.write_report(runs, str(out))
     expected = {"table1.md", "table2.md", "figure2.png",
                 "reliability_seed0.png", "reliability_resnet18_all.png",
@@ -226,7 +231,7 @@ def test_runs_without_timing_still_get_figure2(tmp_path):
     "content, reason",
     [
         (None, "no metrics.json: training has not finished"),
-        ("{not json", "invalid JSON"),
+        ("{not json", "is not valid JSON"),
         ('{"arch": "resnet18"}', "missing dataset, split, methods"),
     ],
 )
@@ -246,11 +251,11 @@ def test_unusable_runs_are_skipped_with_the_reason(tmp_path, content, reason):
 
 def test_specs_without_runs_raise(runs_dir, tmp_path):
     root, _ = runs_dir
-    with pytest.raises(runs_lib.RunDataError, match="no run directory inside"):
+    with pytest.raises(RunDirectoryError, match="no run directory inside"):
         load([str(root / "notes")])
-    with pytest.raises(runs_lib.RunDataError, match="no such directory"):
+    with pytest.raises(RunDirectoryError, match="no such directory"):
         load([str(tmp_path / "absent")])
-    with pytest.raises(runs_lib.RunDataError, match="pattern matches no run"):
+    with pytest.raises(RunDirectoryError, match="pattern matches no run"):
         load([str(root / "notes*")])
 
 
@@ -414,7 +419,7 @@ def test_cli_refuses_a_path_as_a_record_name(two_studies, tmp_path, flag, value,
 
 
 def test_read_train_metrics_refuses_a_path(two_studies):
-    from selfkd_tf import seed_summary
+    from selfkd_tf.report import seeds as seed_summary
     runs = load([str(two_studies / "mix")])
     path = str(two_studies / "s1" / "baseline_seed0" / "metrics_train.json")
     for name in (path, "../baseline_seed0/metrics_train.json"):

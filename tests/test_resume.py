@@ -14,9 +14,12 @@ import pytest
 from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
 from cluster_support import kill_at_checkpoint
 from run_dir_support import snapshot
-from selfkd_tf import checkpointing, experiment
-from selfkd_tf.builders import build_datasets, build_model, compile_model
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.experiment import checkpointing
+from selfkd_tf.experiment import resume
+from selfkd_tf.experiment import training as experiment
+from selfkd_tf.experiment.builders import build_datasets, build_model, compile_model
+from selfkd_tf.experiment.settings import TrainSettings
+from selfkd_tf.errors import SettingsError
 
 STEPS_PER_EPOCH = 4  # 64 training examples in batches of 16
 
@@ -117,9 +120,9 @@ def test_history_keeps_only_the_epochs_before_the_resumed_one(tmp_path):
     # Rows number epochs from 1; resuming the 0-based epoch 2 (the third)
     # keeps the rows of the first two.
     path.write_text("epoch,loss\n1,2.5\n2,2.0\n3,1.5\n4,1.")
-    experiment._truncate_history(str(path), 2)
+    resume.truncate_history(str(path), 2)
     assert path.read_text().splitlines() == ["epoch,loss", "1,2.5", "2,2.0"]
-    experiment._truncate_history(str(path), 0)
+    resume.truncate_history(str(path), 0)
     assert not path.exists()
 
 

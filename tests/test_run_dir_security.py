@@ -17,12 +17,14 @@ import pytest
 
 from cli_support import REPO, command, environment, last_line, write_npz
 from run_dir_support import snapshot
-from selfkd_tf import experiment, run_directory
-from selfkd_tf.losses import SelfKDConfig
+from selfkd_tf.experiment import training as experiment
+from selfkd_tf.rundir import reading as run_directory
+from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.training import SelfKDModel
-from selfkd_tf.evaluation import load_trained_model
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.distillation.model import SelfKDModel
+from selfkd_tf.experiment.trained import load_trained_model
+from selfkd_tf.experiment.settings import TrainSettings
+from selfkd_tf.errors import SettingsError
 
 
 @pytest.fixture(scope="module")

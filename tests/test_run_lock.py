@@ -14,10 +14,10 @@ import pytest
 from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
 from cluster_support import CHILD_TIMEOUT_S, latest_checkpoint_number
 from run_dir_support import snapshot
-from selfkd_tf import run_lock
-from selfkd_tf.evaluation import reading_run
-from selfkd_tf.run_lock import LOCK_FILE, LockError, RunDirectoryBusy, locked
-from selfkd_tf.settings import SettingsError
+from selfkd_tf.rundir import lock as run_lock
+from selfkd_tf.experiment.trained import reading_run
+from selfkd_tf.rundir.lock import LOCK_FILE, LockError, RunDirectoryBusy, locked
+from selfkd_tf.errors import SettingsError
 
 
 def _pause_mid_training(trainer: subprocess.Popen, checkpoint_dir) -> int:

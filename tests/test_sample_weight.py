@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from selfkd_tf import losses
+from selfkd_tf.distillation.config import SelfKDConfig
+from selfkd_tf.distillation import losses
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 from synthetic import learnable_arrays
 
 NUM_CLASSES = 4
@@ -30,7 +31,7 @@ def _model(n=N, lr=0.05, weight_decay=5e-4, **config):
         width_multiplier=0.0625,
     )
     model = SelfKDModel(backbone, num_train_examples=n, weight_decay=weight_decay,
-                        config=losses.SelfKDConfig(**config))
+                        config=SelfKDConfig(**config))
     model.compile(optimizer=make_optimizer(lr, schedule="constant"))
     return model
 
@@ -115,7 +116,7 @@ def test_logged_terms_are_the_weighted_objective():
     # Epoch 0 trains on one-hot targets.
     expected = losses.selfkd_loss(
         outputs["logits"], outputs["features"], tf.constant(labels),
-        losses.SelfKDConfig(**config), sample_weight=tf.constant(weights))
+        SelfKDConfig(**config), sample_weight=tf.constant(weights))
     for name in ("ce", "byot", "dmfl"):
         assert logs[name][0] == pytest.approx(float(expected[name]), rel=1e-5), name
     assert logs["loss"][0] == pytest.approx(float(expected["total"]), rel=1e-5)

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 
 from record_support import record
-from selfkd_tf import report, runs as runs_lib, seed_summary
+from selfkd_tf.report import tables as report
+
+from selfkd_tf.report import runs as runs_lib
+from selfkd_tf.rundir.reading import RunDirectoryError
+
+from selfkd_tf.report import seeds as seed_summary
 
 RECIPE = {
     "dataset": "cifar10", "data_dir": None, "arch": "resnet18", "num_stages": 2,
@@ -299,7 +304,7 @@ def test_an_unusable_training_record_is_refused_and_nothing_written(
     out = tmp_path / "report"
     out.mkdir()
     (out / "table1.md").write_text("an earlier report")
-    with pytest.raises(runs_lib.RunDataError) as error:
+    with pytest.raises(RunDirectoryError) as error:
         report.write_report(load(study), str(out), train_metrics_file="metrics_train.json")
     assert str(error.value) == expected
     result = report_cli(f"--runs={study}", "--metrics_file=metrics_test.json",
@@ -315,11 +320,11 @@ def test_an_unusable_training_record_is_refused_and_nothing_written(
 
 def test_training_records_that_cannot_give_a_gap_are_refused(study, tmp_path):
     runs = load(study)
-    with pytest.raises(runs_lib.RunDataError, match=r"^no run directory holds a m\.json$"):
+    with pytest.raises(RunDirectoryError, match=r"^no run directory holds a m\.json$"):
         seed_summary.read_train_metrics(runs, "m.json")
     # Reporting the training split itself leaves no test accuracy to subtract.
     trained = runs_lib.load_runs([str(study / "base_seed0")], "metrics_train.json").runs
-    with pytest.raises(runs_lib.RunDataError, match="reported scores are of the training split"):
+    with pytest.raises(RunDirectoryError, match="reported scores are of the training split"):
         seed_summary.read_train_metrics(trained, "metrics_train.json")
     out = tmp_path / "report"
     result = report_cli(f"--runs={study}", "--metrics_file=metrics_test.json",
@@ -332,7 +337,7 @@ def test_training_records_that_cannot_give_a_gap_are_refused(study, tmp_path):
 
 
 def test_the_summary_loads_no_tensorflow():
-    code = ("import sys; import selfkd_tf.seed_summary, selfkd_tf.report; "
+    code = ("import sys; import selfkd_tf.report.seeds, selfkd_tf.report.tables; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -394,7 +399,7 @@ def test_a_training_record_copied_from_another_seed_is_refused(study, tmp_path):
     expected = (f"{study / 'base_seed2' / 'metrics_train.json'}: the very same "
                 f"scores as {source}: a record copied from one run directory "
                 "into the other; give each run its own")
-    with pytest.raises(runs_lib.RunDataError) as error:
+    with pytest.raises(RunDirectoryError) as error:
         seed_summary.read_train_metrics(load(study), "metrics_train.json")
     assert str(error.value) == expected
     result = report_cli(f"--runs={study}", "--metrics_file=metrics_test.json",

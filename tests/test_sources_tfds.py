@@ -17,7 +17,7 @@ import pytest
 from cli_support import CONFIGS, command, environment, last_line
 from data_builders import CIFAR10_MEAN, read_pass
 from selfkd_tf.data import DataError, load_arrays, make_datasets
-from selfkd_tf.sources import tfds as tfds_source
+from selfkd_tf.data.sources import tfds as tfds_source
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

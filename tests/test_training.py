@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from selfkd_tf import losses
-from selfkd_tf.callbacks import SoftTargetRefresh
+from selfkd_tf.distillation.config import METHODS, SelfKDConfig
+from selfkd_tf.distillation.pskd import SoftTargetRefresh
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.models.primitives import PatchConv2D
 from selfkd_tf.optimizers import learning_rate_schedule, make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 
 NUM_CLASSES = 4
 
 
-def _model(methods=losses.METHODS, n=64, seed=0, weight_decay=5e-4, num_stages=2, **config):
+def _model(methods=METHODS, n=64, seed=0, weight_decay=5e-4, num_stages=2, **config):
     keras.utils.set_random_seed(seed)
     backbone = build_multi_exit_resnet(
         "resnet18", NUM_CLASSES, input_shape=(16, 16, 3), num_stages=num_stages,
@@ -28,7 +28,7 @@ def _model(methods=losses.METHODS, n=64, seed=0, weight_decay=5e-4, num_stages=2
     )
     return SelfKDModel(
         backbone, num_train_examples=n, weight_decay=weight_decay,
-        config=losses.SelfKDConfig(methods=methods, **config),
+        config=SelfKDConfig(methods=methods, **config),
     )
 
 
@@ -149,7 +149,7 @@ def test_state_round_trips_through_keras_file(tmp_path):
     # A fresh process that imports only the training module loads it as well:
     # the backbone's own layer classes (the heads' PatchConv2D) come with it.
     assert any(isinstance(layer, PatchConv2D) for layer in model.backbone.layers)
-    code = ("import keras, selfkd_tf.training; "
+    code = ("import keras, selfkd_tf.distillation.model; "
             f"model = keras.saving.load_model({str(path)!r}); "
             "print(int(model.optimizer.iterations.numpy()))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True,
@@ -194,7 +194,7 @@ def test_evaluate_reports_every_exit_and_the_ensemble():
     assert plain["loss"] == pytest.approx(results["loss"], rel=1e-5)
 
 
-COMBINATIONS = [c for r in range(4) for c in itertools.combinations(losses.METHODS, r)]
+COMBINATIONS = [c for r in range(4) for c in itertools.combinations(METHODS, r)]
 
 
 @pytest.mark.parametrize("methods", COMBINATIONS, ids=lambda m: "+".join(m) or "baseline")

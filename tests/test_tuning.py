@@ -8,11 +8,13 @@ import pytest
 from absl import flags
 
 from cli_support import last_line, run_cli, write_npz
-from selfkd_tf import search_space, tuning
+from selfkd_tf.tuning import search_space
+from selfkd_tf.tuning import search as tuning
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import tune as tune_cli
-from selfkd_tf.search_space import TuneSettings
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.tuning.search_space import TuneSettings
+from selfkd_tf.experiment.settings import TrainSettings
+from selfkd_tf.errors import SettingsError
 
 NUM_TRAIN = 240
 # 60 of the 240 training images score the trials; 180 train, 3 batches of 60.

@@ -37,11 +37,11 @@ import pytest
 import tensorflow as tf
 
 from cluster_support import run_once
-from selfkd_tf.distribute import make_strategy
+from selfkd_tf.distribution.strategy import make_strategy
 from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.models.primitives import Conv2D, batch_norm
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.training import SelfKDModel
+from selfkd_tf.distillation.model import SelfKDModel
 from synthetic import indexed_dataset, learnable_arrays
 from training_support import StepRecorder
 

@@ -49,17 +49,21 @@ import tempfile
 import threading
 import time
 
-import tool_cli  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
+
+import tool_io  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import step_timing  # noqa: E402
 from selfkd_tf.data import make_datasets  # noqa: E402
-from selfkd_tf.distribute import PRECISIONS, set_mixed_precision  # noqa: E402
-from selfkd_tf.settings import SettingsError, as_settings_error  # noqa: E402
+from selfkd_tf.distribution.strategy import PRECISIONS, set_mixed_precision  # noqa: E402
+from selfkd_tf.experiment.settings import as_settings_error  # noqa: E402
+from selfkd_tf.errors import SettingsError  # noqa: E402
 from step_timing import (  # noqa: E402
     FULL_METHOD, METHOD_COMBINATIONS, build_model, synthetic_batches, time_steps)
 
@@ -332,20 +336,20 @@ def configurations(names: list[str]) -> list[str]:
 def check_outputs() -> None:
     """Refuses ``--out_json`` and ``--out_md`` unless both can be written, apart."""
     for flag in ("out_json", "out_md"):
-        tool_cli.check_output_file(flag, FLAGS[flag].value)
+        tool_io.check_output_file(flag, FLAGS[flag].value)
     if (FLAGS.out_json and FLAGS.out_md
             and os.path.realpath(FLAGS.out_json) == os.path.realpath(FLAGS.out_md)):
         raise SettingsError("out_md", f"{FLAGS.out_md} is --out_json too; give two files")
 
 
 def main(argv: list[str]) -> int:
-    del argv  # tool_cli.run rejects positional arguments
+    del argv  # tool_io.run rejects positional arguments
     timed = configurations(FLAGS.combinations)
     if FLAGS.dataset is not None:
         if "pipeline" not in timed:
             raise SettingsError("dataset", "only the pipeline configuration reads it; "
                                 "add pipeline to --combinations")
-        tool_cli.check_dataset("dataset", FLAGS.dataset)
+        tool_io.check_dataset("dataset", FLAGS.dataset)
     check_outputs()
     set_mixed_precision(FLAGS.mixed_precision)
     models = [c for c in timed if c != "pipeline"]
@@ -371,11 +375,11 @@ def main(argv: list[str]) -> int:
     text = markdown(report)
     print(text)
     if FLAGS.out_json:
-        tool_cli.write_json(FLAGS.out_json, report)
+        tool_io.write_json(FLAGS.out_json, report)
     if FLAGS.out_md:
-        tool_cli.write_text(FLAGS.out_md, text)
+        tool_io.write_text(FLAGS.out_md, text)
     return 0
 
 
 if __name__ == "__main__":
-    tool_cli.run(main, PROGRAM)
+    program.run(main, PROGRAM)

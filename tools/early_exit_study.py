@@ -11,7 +11,7 @@ cascade, the cascade's mean FLOPs per image against the deepest exit served
 alone, the share of images each exit answered, and the latency per image of
 the two SavedModels (``selfkd-export`` of the deepest exit and of the cascade,
 loaded with `tf.saved_model.load`, fed raw float32 pixels) at batch 1 and 64
-(`selfkd_tf.early_exit.time_per_image`). ``--out`` receives the two
+(`selfkd_tf.serving.early_exit.time_per_image`). ``--out`` receives the two
 SavedModels (``deepest``, ``cascade``) and ``early_exit_study.json``, each
 written whole, the JSON last.
 
@@ -26,16 +26,21 @@ from __future__ import annotations
 import json
 import os
 
-import tool_cli  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
+
+import tool_io  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from selfkd_tf import early_exit, export  # noqa: E402
-from selfkd_tf.evaluation import (  # noqa: E402
-    evaluation_data, load_trained_model, predict_exit_probabilities)
-from selfkd_tf.settings import SettingsError  # noqa: E402
+from selfkd_tf.evaluation.scoring import predict_exit_probabilities  # noqa: E402
+from selfkd_tf.experiment.trained import evaluation_data, load_trained_model  # noqa: E402
+from selfkd_tf.models import costs  # noqa: E402
+from selfkd_tf.serving import early_exit  # noqa: E402
+from selfkd_tf.serving import saved_model as export  # noqa: E402
+from selfkd_tf.errors import SettingsError  # noqa: E402
 
 PROGRAM = "early_exit_study.py"
 EXPORTS = ("deepest", "cascade")
@@ -45,7 +50,7 @@ flags.DEFINE_string("model", None, "A run directory or .keras file.")
 flags.DEFINE_string("out", None, "Directory for the exports and JSON.")
 flags.DEFINE_float("max_accuracy_drop", 0.5, "Points of accuracy on the selection half "
                    "the cascade may lose against the deepest exit; >= 0.")
-tool_cli.register_finite("max_accuracy_drop", 0)
+tool_io.register_finite("max_accuracy_drop", 0)
 flags.DEFINE_integer("seed", 0, "Seed of the halves.", lower_bound=0)
 flags.DEFINE_integer("latency_examples", 256, "Report-half images the latency is "
                      "timed on.", lower_bound=1)
@@ -86,12 +91,12 @@ def output_paths(out: str, model: str) -> dict[str, str]:
     except ValueError as err:
         raise SettingsError("out", str(err).partition(": ")[2]) from err
     paths["json"] = os.path.join(out, RESULT_FILE)
-    tool_cli.check_output_file("out", paths["json"])
+    tool_io.check_output_file("out", paths["json"])
     return paths
 
 
 def main(argv: list[str]) -> int:
-    del argv  # tool_cli.run rejects positional arguments
+    del argv  # tool_io.run rejects positional arguments
     paths = output_paths(FLAGS.out, FLAGS.model)
     trained = load_trained_model(FLAGS.model)
     model = trained.model
@@ -99,16 +104,16 @@ def main(argv: list[str]) -> int:
     exit_probs, labels = predict_exit_probabilities(model, test_ds)
     images = np.concatenate([x["image"].numpy() for x, _ in test_ds])
     selection, report = stratified_halves(labels, FLAGS.seed)
-    costs = export.exit_costs(model.backbone)
+    exit_costs = costs.exit_costs(model.backbone)
 
     def curve_of(rows, thresholds):
         return early_exit.early_exit_curve([p[rows] for p in exit_probs], labels[rows],
-                                           costs, thresholds)
+                                           exit_costs, thresholds)
 
     chosen = early_exit.select_threshold(curve_of(selection, SELECTION_THRESHOLDS),
                                          max_accuracy_drop=FLAGS.max_accuracy_drop)
     if chosen is None:
-        raise tool_cli.ToolError(
+        raise program.CommandError(
             f"no threshold keeps the selection half within {FLAGS.max_accuracy_drop} "
             "points of the deepest exit at less cost; serve the deepest exit")
     reported = curve_of(report, [chosen["threshold"]])
@@ -116,7 +121,7 @@ def main(argv: list[str]) -> int:
     # Raw pixels of the report half, as a client would send them.
     std, mean = np.float32(model.input_std), np.float32(model.input_mean)
     pixels = np.round((images[report] * std + mean) * 255)[: FLAGS.latency_examples]
-    with tool_cli.writing(FLAGS.out):  # e.g. a full disk; an export leaves nothing
+    with tool_io.writing(FLAGS.out):  # e.g. a full disk; an export leaves nothing
         export.export_saved_model(model, paths["deepest"], overwrite=True,
                                   class_names=info.class_names)
         export.export_saved_model(model, paths["cascade"], exit="cascade", overwrite=True,
@@ -138,10 +143,10 @@ def main(argv: list[str]) -> int:
         "latency_ms": dict(zip(EXPORTS, latency)),
         "latency_examples": len(pixels), "rounds": FLAGS.rounds,
     }
-    tool_cli.write_json(paths["json"], result)
+    tool_io.write_json(paths["json"], result)
     print(json.dumps(result, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    tool_cli.run(main, PROGRAM)
+    program.run(main, PROGRAM)

@@ -33,15 +33,18 @@ import statistics
 import subprocess
 import sys
 
-import tool_cli  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
+
+import tool_io  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import step_timing  # noqa: E402
-from selfkd_tf import cluster  # noqa: E402
-from selfkd_tf.distribute import make_strategy  # noqa: E402
+from selfkd_tf.distribution import cluster  # noqa: E402
+from selfkd_tf.distribution.strategy import make_strategy  # noqa: E402
 
 PROGRAM = "multiworker_benchmark.py"
 CHILD_TIMEOUT_S = 3600
@@ -96,17 +99,17 @@ def _run(role: str, workers: int) -> list[float]:
             env=env, stdout=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=CHILD_TIMEOUT_S)[0] for p in processes]
     if any(p.returncode for p in processes):
-        raise tool_cli.ToolError(
+        raise program.CommandError(
             f"a {role} run failed: exit {[p.returncode for p in processes]}")
     return json.loads(outputs[0].strip().splitlines()[-1])["step_times_s"]
 
 
 def main(argv: list[str]) -> int:
-    del argv  # tool_cli.run rejects positional arguments
+    del argv  # tool_io.run rejects positional arguments
     if FLAGS.role:
         child()
         return 0
-    tool_cli.check_output_file("out_json", FLAGS.out_json)
+    tool_io.check_output_file("out_json", FLAGS.out_json)
     step_timing.build_network(FLAGS)  # refuses flags the network cannot take, at once
     times = {"1 process": [], "2 workers": []}
     for _ in range(FLAGS.rounds):
@@ -128,9 +131,9 @@ def main(argv: list[str]) -> int:
               f"{len(times[name])} |")
     print(f"\n2 workers / 1 process: {report['ratio_2_workers_over_1_process']:.3f}")
     if FLAGS.out_json:
-        tool_cli.write_json(FLAGS.out_json, report)
+        tool_io.write_json(FLAGS.out_json, report)
     return 0
 
 
 if __name__ == "__main__":
-    tool_cli.run(main, PROGRAM)
+    program.run(main, PROGRAM)

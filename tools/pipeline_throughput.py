@@ -14,14 +14,18 @@ from __future__ import annotations
 import statistics
 import time
 
-import tool_cli  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
+
+import tool_io  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from selfkd_tf.data import make_datasets  # noqa: E402
-from selfkd_tf.settings import SettingsError, as_settings_error  # noqa: E402
+from selfkd_tf.experiment.settings import as_settings_error  # noqa: E402
+from selfkd_tf.errors import SettingsError  # noqa: E402
 
 PROGRAM = "pipeline_throughput.py"
 
@@ -41,11 +45,11 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    del argv  # tool_cli.run rejects positional arguments
+    del argv  # tool_io.run rejects positional arguments
     if FLAGS["no-augment"].value and FLAGS["augment"].present and FLAGS.augment:
         raise SettingsError("no-augment", "contradicts --augment; give one of them")
     augment = FLAGS.augment and not FLAGS["no-augment"].value
-    tool_cli.check_dataset("dataset", FLAGS.dataset)
+    tool_io.check_dataset("dataset", FLAGS.dataset)
     start = time.perf_counter()
     # One untimed epoch first: it traces the pipeline and fills its buffers.
     with as_settings_error():  # e.g. files that do not decode
@@ -78,4 +82,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    tool_cli.run(main, PROGRAM)
+    program.run(main, PROGRAM)

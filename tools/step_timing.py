@@ -26,20 +26,24 @@ step_times_s = time_steps(model, synthetic_batches(flags.FLAGS), steps=5)
 
 from __future__ import annotations
 
+import contextlib
 import time
 
-import tool_cli  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
+
+import tool_io  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from selfkd_tf import losses  # noqa: E402
-from selfkd_tf.models import ARCHITECTURES, build_multi_exit_resnet  # noqa: E402
-from selfkd_tf.optimizers import make_optimizer  # noqa: E402
-from selfkd_tf.settings import SettingsError  # noqa: E402
-from selfkd_tf.training import SelfKDModel  # noqa: E402
+from selfkd_tf.data import DatasetInfo  # noqa: E402
+from selfkd_tf.errors import SettingsError  # noqa: E402
+from selfkd_tf.experiment.builders import build_backbone, compile_model  # noqa: E402
+from selfkd_tf.experiment.builders import build_model as build_selfkd_model  # noqa: E402
+from selfkd_tf.experiment.settings import TrainSettings  # noqa: E402
+from selfkd_tf.models import ARCHITECTURES  # noqa: E402
 
 METHOD_COMBINATIONS = (
     "baseline", "byot", "dmfl", "pskd",
@@ -64,7 +68,7 @@ def define_flags(*, width_multiplier: float, batch_size_help: str) -> None:
     flags.DEFINE_enum("arch", "resnet18", ARCHITECTURES, "Backbone architecture.")
     flags.DEFINE_float("width_multiplier", width_multiplier,
                        "Scales every channel count; > 0.")
-    tool_cli.register_finite("width_multiplier", 0, inclusive=False)
+    tool_io.register_finite("width_multiplier", 0, inclusive=False)
     flags.DEFINE_integer("batch_size", 128, batch_size_help, lower_bound=1)
     flags.DEFINE_integer("image_size", 32, "Height and width of the synthetic images.",
                          lower_bound=1)
@@ -75,7 +79,7 @@ def define_flags(*, width_multiplier: float, batch_size_help: str) -> None:
         f"{SYNTHETIC_BATCHES} x --batch_size, the examples of the synthetic "
         "batches, each with its own row.", lower_bound=1)
     flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay; >= 0.")
-    tool_cli.register_finite("weight_decay", 0)
+    tool_io.register_finite("weight_decay", 0)
     flags.register_multi_flags_validator(
         ["batch_size", "num_train_examples"],
         lambda values: values["num_train_examples"] >= SYNTHETIC_BATCHES * values["batch_size"],
@@ -170,53 +174,72 @@ def synthetic_batches(args) -> tf.data.Dataset:
     return ds.repeat().prefetch(2)
 
 
+def _settings(configuration: str, xla: bool, args) -> TrainSettings:
+    """The `TrainSettings` of a configuration: its methods, the flags'
+    network, and a constant learning rate."""
+    methods = () if configuration in ("baseline", "backbone") else configuration.split("+")
+    return TrainSettings(
+        arch=args.arch, width_multiplier=args.width_multiplier, methods=tuple(methods),
+        weight_decay=args.weight_decay, lr_schedule="constant", jit_compile=xla,
+        mixed_precision=getattr(args, "mixed_precision", "none"))
+
+
+def _synthetic_info(args) -> DatasetInfo:
+    """What `selfkd_tf.experiment.builders` needs to know of `synthetic_batches`."""
+    return DatasetInfo(
+        name="synthetic", num_classes=args.num_classes, num_train=args.num_train_examples,
+        num_eval=0, eval_split="test", image_shape=(args.image_size, args.image_size, 3),
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        class_names=tuple(map(str, range(args.num_classes))), steps_per_epoch=1)
+
+
+@contextlib.contextmanager
+def _refused_as_flags(args):
+    """Words a network the builders refuse as this tool's flags' fault."""
+    try:
+        yield
+    except SettingsError as err:
+        raise SettingsError(
+            None, f"cannot build {args.arch} from these flags: {err.problem}") from err
+
+
 def build_network(args) -> keras.Model:
     """The configuration's multi-exit network (``args`` as for `build_model`).
 
     Raises:
-        SettingsError: `build_multi_exit_resnet` refuses the flags' values
+        SettingsError: the network cannot be built from the flags' values
             (e.g. an ``--image_size`` its exit heads cannot take).
     """
-    try:
-        return build_multi_exit_resnet(
-            args.arch, args.num_classes,
-            input_shape=(args.image_size, args.image_size, 3),
-            width_multiplier=args.width_multiplier,
-        )
-    except ValueError as err:
-        raise SettingsError(
-            None, f"cannot build {args.arch} from these flags: {str(err).splitlines()[0]}"
-        ) from err
+    info = _synthetic_info(args)
+    with _refused_as_flags(args):
+        return build_backbone(_settings("baseline", False, args), info.num_classes,
+                              info.image_shape)
 
 
 def build_model(configuration: str, xla: bool, args) -> keras.Model:
-    """A compiled model for one configuration.
+    """A compiled model for one configuration, built by `selfkd_tf.experiment.builders`.
 
     Args:
         configuration: a method combination (``"+"``-joined, ``"baseline"``
             for none) or ``"backbone"``.
         xla: whether the train step is compiled with XLA.
         args: the parsed flags of `define_flags` (or any object with those
-            attributes).
+            attributes), and ``mixed_precision`` when it has one.
 
     Raises:
         SettingsError: see `build_network`.
     """
     keras.utils.set_random_seed(0)
-    network = build_network(args)
+    settings = _settings(configuration, xla, args)
+    with _refused_as_flags(args):
+        model = build_selfkd_model(settings, _synthetic_info(args))
     if configuration == "backbone":
+        network = model.backbone
         model = PlainBackbone(
             keras.Model(network.input, network.output["logits"][-1]),
             weight_decay=args.weight_decay,
         )
-    else:
-        methods = () if configuration == "baseline" else configuration.split("+")
-        model = SelfKDModel(
-            network, num_train_examples=args.num_train_examples,
-            config=losses.SelfKDConfig(methods=methods),
-            weight_decay=args.weight_decay,
-        )
-    model.compile(optimizer=make_optimizer(schedule="constant"), jit_compile=xla)
+    compile_model(model, settings, steps_per_epoch=1)
     return model
 
 

@@ -9,7 +9,7 @@ Usage:
     selfkd-eval --model=runs/a --early_exit --max_accuracy_drop=0.5  # on validation
 
 Scores every exit and the ensemble, prints them as a table and writes the
-record (`selfkd_tf.metrics_record` schema) to ``metrics_<split>.json`` beside the
+record (`selfkd_tf.metrics.record` schema) to ``metrics_<split>.json`` beside the
 model (``--out`` names another ``.json`` file, or a directory that receives
 ``metrics.json``). The model is a run directory or a ``.keras`` file; the
 data settings default to the run's ``flags.json`` (a lone ``.keras`` file
@@ -17,7 +17,7 @@ needs ``--dataset``). A run that another process is training is refused
 (its ``model.keras`` would be replaced under the evaluation).
 
 ``--early_exit`` instead sweeps the early-exit cascade's threshold (see
-`selfkd_tf.early_exit`) and writes ``early_exit_<split>.json`` and
+`selfkd_tf.serving.early_exit`) and writes ``early_exit_<split>.json`` and
 ``early_exit_<split>.png`` beside the model (``--out`` names others); with
 ``--target_accuracy`` or ``--max_accuracy_drop`` it also picks the cheapest
 threshold on the validation split and prints its cost saving.
@@ -28,17 +28,19 @@ from __future__ import annotations
 import math
 import os
 
-from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
 
-from selfkd_tf import early_exit  # noqa: E402
-from selfkd_tf import metrics_record  # noqa: E402
+from selfkd_tf.serving import early_exit  # noqa: E402
+from selfkd_tf.metrics import record as metrics_record  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
 from selfkd_tf.files import check_creatable  # noqa: E402
-from selfkd_tf.evaluation import (  # noqa: E402
-    TrainedModel, evaluate_trained, format_metrics_table, load_trained_model, reading_run)
-from selfkd_tf.settings import MAX_BATCH_SIZE, SettingsError  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
+from selfkd_tf.evaluation.scoring import format_metrics_table  # noqa: E402
+from selfkd_tf.experiment.trained import (  # noqa: E402
+    TrainedModel, evaluate_cascade, evaluate_trained, load_trained_model, reading_run)
+from selfkd_tf.experiment.settings import MAX_BATCH_SIZE  # noqa: E402
 
 PROGRAM = "selfkd-eval"
 
@@ -130,12 +132,12 @@ def _check_outputs(split: str | None, stem: str) -> None:
     for path in files:
         if os.path.isdir(path):
             advice = where or f"; give a .json file, or a directory to write {stem}.json in"
-            common.fail(PROGRAM, f"--out: {path} is a directory{advice}")
+            program.fail(PROGRAM, f"--out: {path} is a directory{advice}")
     try:
         for path in files or [os.path.join(_model_directory(), f"{stem}.json")]:
             check_creatable(path)
     except ValueError as err:
-        common.fail(PROGRAM, f"--out: {err}{where}")
+        program.fail(PROGRAM, f"--out: {err}{where}")
 
 
 def _write(out: str, write, *args) -> None:
@@ -144,7 +146,7 @@ def _write(out: str, write, *args) -> None:
     try:
         write(*args)
     except OSError as err:
-        common.fail(PROGRAM, f"cannot write {err.filename or out}: "
+        program.fail(PROGRAM, f"cannot write {err.filename or out}: "
                     f"{err.strerror or err}", status=1)
 
 
@@ -160,20 +162,20 @@ def _early_exit_settings() -> tuple[str | None, list[float]]:
         for name in ("thresholds", "latency_examples", "target_accuracy",
                      "max_accuracy_drop"):
             if FLAGS[name].present:
-                common.fail(PROGRAM, f"--{name}: only with --early_exit")
+                program.fail(PROGRAM, f"--{name}: only with --early_exit")
     if len(_criterion()) > 1:
-        common.fail(PROGRAM, "--target_accuracy: give it or --max_accuracy_drop, not both")
+        program.fail(PROGRAM, "--target_accuracy: give it or --max_accuracy_drop, not both")
     split = FLAGS.split
     if _criterion():
         if split not in (None, "validation"):
-            common.fail(PROGRAM, f"--split: a threshold is picked on the validation "
+            program.fail(PROGRAM, f"--split: a threshold is picked on the validation "
                         f"split only, never on {split}")
         split = "validation"
     try:
         thresholds = early_exit.check_thresholds(
             early_exit.DEFAULT_THRESHOLDS if FLAGS.thresholds is None else FLAGS.thresholds)
     except ValueError as err:
-        common.fail(PROGRAM, f"--thresholds: {str(err).partition(': ')[2] or err}")
+        program.fail(PROGRAM, f"--thresholds: {str(err).partition(': ')[2] or err}")
     return split, thresholds
 
 
@@ -182,7 +184,7 @@ def _check_validation_split(trained: TrainedModel) -> None:
     no validation split to pick it on."""
     if trained.settings is None or not trained.settings.validation_fraction:
         flag = next(iter(_criterion()))
-        common.fail(PROGRAM, f"--{flag}: chooses the threshold on a validation split, "
+        program.fail(PROGRAM, f"--{flag}: chooses the threshold on a validation split, "
                     f"which needs a run trained with --validation_fraction; "
                     f"{FLAGS.model} held out none")
 
@@ -197,16 +199,13 @@ def _say_if_capped(scored: dict) -> None:
 
 def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     _check_outputs(split, "early_exit")
-    try:
-        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
-        if _criterion():
-            _check_validation_split(trained)
-        curve = early_exit.evaluate_cascade(
-            trained, thresholds=thresholds, latency_examples=FLAGS.latency_examples,
-            dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=split,
-            batch_size=FLAGS.batch_size, eval_examples=FLAGS.eval_examples)
-    except SettingsError as err:
-        common.fail(PROGRAM, common.flag_message(err))
+    trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+    if _criterion():
+        _check_validation_split(trained)
+    curve = evaluate_cascade(
+        trained, thresholds=thresholds, latency_examples=FLAGS.latency_examples,
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=split,
+        batch_size=FLAGS.batch_size, eval_examples=FLAGS.eval_examples)
     selected = early_exit.select_threshold(curve, **_criterion()) if _criterion() else None
     out = _output_path(curve["split"], "early_exit")
     png = os.path.splitext(out)[0] + ".png"
@@ -235,14 +234,11 @@ def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
 
 def _run_metrics() -> int:
     _check_outputs(FLAGS.split, "metrics")
-    try:
-        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
-        record = evaluate_trained(
-            trained, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-            split=FLAGS.split, batch_size=FLAGS.batch_size,
-            eval_examples=FLAGS.eval_examples)
-    except SettingsError as err:
-        common.fail(PROGRAM, common.flag_message(err))
+    trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+    record = evaluate_trained(
+        trained, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+        split=FLAGS.split, batch_size=FLAGS.batch_size,
+        eval_examples=FLAGS.eval_examples)
     out = _output_path(record["split"])
     _write(out, metrics_record.write_metrics_json, record, out)
     _say_if_capped(record)
@@ -254,20 +250,17 @@ def _run_metrics() -> int:
 
 
 def main(argv: list[str]) -> int:
-    del argv  # common.run rejects positional arguments
+    del argv  # program.run rejects positional arguments
     split, thresholds = _early_exit_settings()
-    try:
-        # Held from loading the model to writing what it scored.
-        with reading_run(FLAGS.model):
-            if FLAGS.early_exit:
-                return _run_early_exit(split, thresholds)
-            return _run_metrics()
-    except SettingsError as err:
-        common.fail(PROGRAM, common.flag_message(err))
+    # Held from loading the model to writing what it scored.
+    with reading_run(FLAGS.model):
+        if FLAGS.early_exit:
+            return _run_early_exit(split, thresholds)
+        return _run_metrics()
 
 
 def run() -> None:
-    common.run(main, PROGRAM)
+    program.run(main, PROGRAM)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ model's size when they have another) and returns ``probabilities``,
 ``logits``, ``class_ids`` and ``class_names`` (a cascade also ``exit_ids``);
 a single-exit export holds only the layers the chosen exit needs, a cascade
 skips the deeper stages for the images a shallow exit is sure of (see
-`selfkd_tf.export` and `selfkd_tf.cascade`). The class names are the run's
+`selfkd_tf.serving.saved_model` and `selfkd_tf.serving.cascade`). The class names are the run's
 dataset's unless ``--class_names`` gives them. The command prints the
 export's parameters and FLOPs next to the training model's. A run that
 another process is training is refused (its ``model.keras`` is about to be
@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import os
 
-from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 
 from absl import flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from selfkd_tf import data  # noqa: E402
-from selfkd_tf import export as export_lib  # noqa: E402
-from selfkd_tf.cascade import check_threshold  # noqa: E402
+from selfkd_tf.serving import saved_model as export_lib  # noqa: E402
+from selfkd_tf.serving.cascade import check_threshold  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
-from selfkd_tf.evaluation import TrainedModel, load_trained_model, reading_run  # noqa: E402
-from selfkd_tf.settings import SettingsError, check_float32  # noqa: E402
+from selfkd_tf.cli import program  # noqa: E402
+from selfkd_tf.experiment.trained import TrainedModel, load_trained_model, reading_run  # noqa: E402
+from selfkd_tf.experiment.settings import check_float32  # noqa: E402
+from selfkd_tf.errors import SettingsError  # noqa: E402
 
 PROGRAM = "selfkd-export"
 
@@ -96,34 +98,31 @@ def _check_flags_before_loading() -> None:
 
 def main(argv: list[str]) -> int:
     del argv
-    try:
-        _check_flags_before_loading()
-        # Held from loading the model to writing the export.
-        with reading_run(FLAGS.model):
-            trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
-            model = trained.model
-            try:
-                export_lib.check_export_arguments(
-                    model, FLAGS.out, FLAGS.exit, FLAGS.overwrite, FLAGS.threshold)
-            except ValueError as err:
-                raise _flag_error(err) from err
-            # Read only once the flags are known to be good: it may decode the
-            # whole dataset.
-            class_names = _class_names(trained)
-            try:
-                summary = export_lib.export_saved_model(
-                    model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite,
-                    threshold=FLAGS.threshold, class_names=class_names)
-            except ValueError as err:
-                raise _flag_error(err) from err
-            # E.g. a full disk; the export leaves nothing behind.
-            except OSError as err:
-                common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.strerror or err}",
-                            status=1)
-            except tf.errors.OpError as err:
-                common.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.message}", status=1)
-    except SettingsError as err:
-        common.fail(PROGRAM, common.flag_message(err))
+    _check_flags_before_loading()
+    # Held from loading the model to writing the export.
+    with reading_run(FLAGS.model):
+        trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+        model = trained.model
+        try:
+            export_lib.check_export_arguments(
+                model, FLAGS.out, FLAGS.exit, FLAGS.overwrite, FLAGS.threshold)
+        except ValueError as err:
+            raise _flag_error(err) from err
+        # Read only once the flags are known to be good: it may decode the
+        # whole dataset.
+        class_names = _class_names(trained)
+        try:
+            summary = export_lib.export_saved_model(
+                model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite,
+                threshold=FLAGS.threshold, class_names=class_names)
+        except ValueError as err:
+            raise _flag_error(err) from err
+        # E.g. a full disk; the export leaves nothing behind.
+        except OSError as err:
+            program.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.strerror or err}",
+                         status=1)
+        except tf.errors.OpError as err:
+            program.fail(PROGRAM, f"cannot write {FLAGS.out}: {err.message}", status=1)
     if summary.threshold is None:
         print(f"Exported exit {summary.exit} of {model.num_exits} to {summary.path}")
     else:
@@ -134,7 +133,7 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    common.run(main, PROGRAM)
+    program.run(main, PROGRAM)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """absl flags for every `TrainSettings` field, defined from the dataclass.
 
 Importing this module defines one flag per field of
-`selfkd_tf.settings.TrainSettings`, with the field's name, default and
+`selfkd_tf.experiment.settings.TrainSettings`, with the field's name, default and
 help, so the flags and the settings cannot drift apart. Lists (``methods``,
 ``byot_exits``) are comma-separated; ``--methods=`` is the baseline.
 
@@ -26,7 +26,9 @@ import typing
 
 from absl import flags
 
-from selfkd_tf.settings import SettingsError, TrainSettings
+from selfkd_tf.experiment.settings import TrainSettings
+
+from selfkd_tf.errors import SettingsError
 
 _DEFINE = {
     str: flags.DEFINE_string,

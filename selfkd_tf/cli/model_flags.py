@@ -7,7 +7,7 @@ and both commands keep it on unless this flag says otherwise.
 
 from absl import flags
 
-from selfkd_tf.evaluation import UNSAFE_FLAG
+from selfkd_tf.experiment.trained import UNSAFE_FLAG
 
 UNSAFE_DESERIALIZATION = flags.DEFINE_bool(
     UNSAFE_FLAG, False,
@@ -17,5 +17,5 @@ UNSAFE_DESERIALIZATION = flags.DEFINE_bool(
 
 
 def safe_mode() -> bool:
-    """Keras's ``safe_mode`` for `selfkd_tf.evaluation.load_trained_model`."""
+    """Keras's ``safe_mode`` for `selfkd_tf.experiment.trained.load_trained_model`."""
     return not UNSAFE_DESERIALIZATION.value

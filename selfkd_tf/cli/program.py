@@ -15,7 +15,7 @@
   cannot be read as flags (`check_flagfiles`).
 
 This module imports neither TensorFlow nor Keras, so ``selfkd-report``
-starts fast; the TensorFlow commands go through `selfkd_tf.cli.common`.
+starts fast; the TensorFlow commands go through `selfkd_tf.cli.quiet_tensorflow`.
 
 Example (a command module):
 
@@ -46,6 +46,8 @@ from typing import Callable, Iterable, NoReturn
 
 from absl import app, flags, logging
 
+from selfkd_tf.errors import SettingsError
+
 USAGE_ERROR = 2
 """Exit status for bad flags or bad data."""
 
@@ -64,6 +66,10 @@ _COMMENTS = ("#", "//")
 
 class FlagfileError(ValueError):
     """A flagfile that cannot be read as flags; the message is one line."""
+
+
+class CommandError(Exception):
+    """A failure that is not the user's input (exit status 1); one line."""
 
 
 def fail(program: str, message: str, status: int = USAGE_ERROR) -> NoReturn:
@@ -254,6 +260,9 @@ def interrupt_status() -> int:
 def run(main: Callable[[list[str]], int | None], program: str) -> None:
     """`absl.app.run` with help, flagfile checks and one-line errors.
 
+    ``main`` may raise `selfkd_tf.errors.SettingsError` (exit status 2) or
+    `CommandError` (exit status 1) for one line on stderr.
+
     The command's own flags are the key flags of ``main``'s module (those it
     defines, and those it adopts with `absl.flags.adopt_module_key_flags`);
     its description is that module's docstring.
@@ -281,6 +290,10 @@ def run(main: Callable[[list[str]], int | None], program: str) -> None:
     def interruptible(argv: list[str]) -> int | None:
         try:
             return main(argv)
+        except SettingsError as err:
+            fail(program, flag_message(err))
+        except CommandError as err:
+            fail(program, str(err), status=1)
         except KeyboardInterrupt:
             print(flush=True)  # ends a progress bar's line
             # Commands write their files whole, so nothing is left half-written.

@@ -8,12 +8,12 @@ Usage:
     selfkd-report --runs=study --out=report --metrics_file=metrics_test.json --train_metrics_file=metrics_train.json
 
 Writes `table1.md`, `table2.md`, `figure2.png` and, per run,
-`reliability_<run>.png` and `curves_<run>.png` (see `selfkd_tf.report`).
+`reliability_<run>.png` and `curves_<run>.png` (see `selfkd_tf.report.tables`).
 When some recipe was run with several seeds, or with
 ``--train_metrics_file``, `summary.md` adds one row per recipe with the
 mean ± sample standard deviation over its seeds and, with
 ``--train_metrics_file``, the training accuracy and the generalisation gap
-(see `selfkd_tf.seed_summary`).
+(see `selfkd_tf.report.seeds`).
 
 Directories under ``--runs`` are searched through symbolic links. Runs that
 cannot be reported yet (training not finished, no ``--metrics_file``) or at
@@ -26,7 +26,7 @@ directory, never a path. A record that is not its run's own is refused: its
 architecture, methods or epochs differ from the run's flags.json, or a
 training record's (with its parameter count and number of exits) from the
 run's reported scores, or two runs hold the very same scores (see
-`selfkd_tf.provenance`). So is a run counted twice: two runs of one recipe
+`selfkd_tf.report.provenance`). So is a run counted twice: two runs of one recipe
 with one seed, e.g. a run and a copy of its directory.
 
 Exit status: 0 when the report is written (also with skipped runs); 2 when a
@@ -43,10 +43,13 @@ import sys
 
 from absl import flags
 
-from selfkd_tf import provenance, report
-from selfkd_tf import runs as runs_lib
+from selfkd_tf.report import provenance
+
+from selfkd_tf.report import tables as report
+from selfkd_tf.report import runs as runs_lib
+from selfkd_tf.rundir.reading import RunDirectoryError
 from selfkd_tf.cli import program
-from selfkd_tf.seed_summary import RepeatedRunError
+from selfkd_tf.report.seeds import RepeatedRunError
 
 PROGRAM = "selfkd-report"
 FLAGS = flags.FLAGS
@@ -107,11 +110,11 @@ def main(argv: list[str]) -> int:
     _warnings_on_one_line()
     try:
         found = runs_lib.load_runs(FLAGS.runs, FLAGS.metrics_file)
-    except runs_lib.RunDataError as err:
+    except RunDirectoryError as err:
         program.fail(PROGRAM, err)
     try:
         provenance.check_reported(found.runs, FLAGS.metrics_file)
-    except runs_lib.RunDataError as err:
+    except RunDirectoryError as err:
         program.fail(PROGRAM, f"--metrics_file: {err}")
     for skipped in found.skipped:
         print(f"{PROGRAM}: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
@@ -123,7 +126,7 @@ def main(argv: list[str]) -> int:
                                       FLAGS.train_metrics_file)
     except RepeatedRunError as err:
         program.fail(PROGRAM, f"--runs: {err}")
-    except runs_lib.RunDataError as err:
+    except RunDirectoryError as err:
         program.fail(PROGRAM, f"--train_metrics_file: {err}")
     except OSError as err:
         program.fail(PROGRAM, f"--out: cannot write {FLAGS.out}: {err}", status=1)

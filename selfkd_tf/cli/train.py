@@ -5,7 +5,7 @@ Usage:
     selfkd-train --flagfile=configs/cifar100_resnet18.flags --methods=pskd,byot,dmfl
     selfkd-train --flagfile=configs/smoke.flags --dataset=npz:/data/tiny.npz --model_dir=/tmp/smoke
 
-Every field of `selfkd_tf.settings.TrainSettings` is a flag
+Every field of `selfkd_tf.experiment.settings.TrainSettings` is a flag
 (``--helpshort`` lists them). The run directory (``--model_dir``) receives
 ``flags.json``, ``history.csv``, ``tensorboard/``, ``checkpoints/``,
 ``model.keras`` and ``metrics.json``. Rerunning the same command resumes a
@@ -29,16 +29,15 @@ from __future__ import annotations
 import os
 import shlex
 
-from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 from absl import flags  # noqa: E402
 
-from selfkd_tf import cluster  # noqa: E402
-from selfkd_tf import experiment  # noqa: E402
+from selfkd_tf.distribution import cluster  # noqa: E402
+from selfkd_tf.experiment import training as experiment  # noqa: E402
 from selfkd_tf.cli import flags as train_flags  # noqa: E402
 from selfkd_tf.cli import program  # noqa: E402
-from selfkd_tf.evaluation import format_metrics_table  # noqa: E402
-from selfkd_tf.run_directory import HISTORY_FILE, METRICS_FILE, MODEL_FILE, TENSORBOARD_DIR  # noqa: E402
-from selfkd_tf.settings import SettingsError  # noqa: E402
+from selfkd_tf.evaluation.scoring import format_metrics_table  # noqa: E402
+from selfkd_tf.rundir.layout import HISTORY_FILE, METRICS_FILE, MODEL_FILE, TENSORBOARD_DIR  # noqa: E402
 
 PROGRAM = "selfkd-train"
 flags.adopt_module_key_flags(train_flags)  # --helpshort lists them
@@ -67,24 +66,22 @@ def next_steps(run_dir: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    del argv  # common.run rejects positional arguments
+    del argv  # program.run rejects positional arguments
+    settings = train_flags.settings_from_flags()
     try:
-        settings = train_flags.settings_from_flags()
         record = experiment.train(settings)
-    except SettingsError as err:
-        common.fail(PROGRAM, common.flag_message(err))
     except experiment.TrainingDivergedError as err:
-        common.fail(PROGRAM, err, status=1)
+        program.fail(PROGRAM, err, status=1)
     except KeyboardInterrupt as err:
         print(flush=True)  # ends the progress bar's line
         # Checkpoints and run files are written whole, so a rerun resumes.
-        common.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
+        program.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
                     else "interrupted; rerun the same command to resume",
                     status=program.interrupt_status())
     except cluster.WORKER_FAILURES as err:
         if settings.distribute != "multiworker":
             raise
-        common.fail(PROGRAM, cluster.describe_worker_failure(err),
+        program.fail(PROGRAM, cluster.describe_worker_failure(err),
                     status=cluster.LOST_WORKER_EXIT)
     scored = record.get("num_examples")
     print(f"\n{record['dataset']} ({record['split']} split"
@@ -96,7 +93,7 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    common.run(main, PROGRAM)
+    program.run(main, PROGRAM)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ default 0.1 here, stratified and fixed by ``--seed``); the test split is
 never used for selection. ``--epochs`` is the length of a full run: the
 learning-rate and ``a_t`` schedules span it in every trial, and with
 ``--tuner=hyperband`` it is the most epochs one trial trains
-(see `selfkd_tf.tuning`).
+(see `selfkd_tf.tuning.search`).
 
 Rerunning the same command resumes the search in ``--tuner_dir``: completed
 trials are kept and an interrupted one runs again. ``--overwrite`` starts it
@@ -46,15 +46,17 @@ import dataclasses
 import os
 import textwrap
 
-from selfkd_tf.cli import common  # first: quiets TensorFlow's start-up logging
+from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlow's start-up messages
 from absl import flags
 
 from selfkd_tf import files
-from selfkd_tf import run_lock
-from selfkd_tf import search_space
-from selfkd_tf import tuning
+from selfkd_tf.rundir import lock as run_lock
+from selfkd_tf.tuning import search_space
+from selfkd_tf.tuning import search as tuning
 from selfkd_tf.cli import flags as train_flags
-from selfkd_tf.settings import SettingsError, TrainSettings, as_settings_error
+from selfkd_tf.cli import program
+from selfkd_tf.experiment.settings import TrainSettings, as_settings_error
+from selfkd_tf.errors import SettingsError
 
 PROGRAM = "selfkd-tune"
 FLAGFILE = "best.flags"
@@ -199,32 +201,29 @@ def _trials_table(result: tuning.SearchResult, count: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    del argv  # common.run rejects positional arguments
+    del argv  # program.run rejects positional arguments
     with contextlib.ExitStack() as held:
-        try:
-            if FLAGS.num_best < 1:
-                raise SettingsError(
-                    "num_best", f"got {FLAGS.num_best}; allowed: integers >= 1")
-            settings = train_flags.settings_from_flags()
-            tune_settings = tune_settings_from_flags()
-            settings.validate()
-            tune_settings.validate(settings)
-            check_search_values(settings, tune_settings)
-            # One search per directory at a time, as one run per run directory.
-            with as_settings_error():
-                held.enter_context(run_lock.locked(
-                    tune_settings.resolved_dir(settings), activity="tuned"))
-            result = tuning.tune(settings, tune_settings)
-        except SettingsError as err:
-            common.fail(PROGRAM, common.flag_message(err))
+        if FLAGS.num_best < 1:
+            raise SettingsError(
+                "num_best", f"got {FLAGS.num_best}; allowed: integers >= 1")
+        settings = train_flags.settings_from_flags()
+        tune_settings = tune_settings_from_flags()
+        settings.validate()
+        tune_settings.validate(settings)
+        check_search_values(settings, tune_settings)
+        # One search per directory at a time, as one run per run directory.
+        with as_settings_error():
+            held.enter_context(run_lock.locked(
+                tune_settings.resolved_dir(settings), activity="tuned"))
+        result = tuning.tune(settings, tune_settings)
         return _report(result)
 
 
 def _report(result: tuning.SearchResult) -> int:
     """Prints the best trials and writes ``best.flags``; the exit status."""
     if not result.trials:
-        common.fail(PROGRAM, f"no trial completed; see {result.tuner_dir}/"
-                    f"{tuning.PROJECT_NAME}/trial_*/trial.json", status=1)
+        program.fail(PROGRAM, f"no trial completed; see {result.tuner_dir}/"
+                     f"{tuning.PROJECT_NAME}/trial_*/trial.json", status=1)
 
     best = result.trials[0]
     direction = "higher" if result.direction == "max" else "lower"
@@ -250,7 +249,7 @@ def run() -> None:
     # at import, so that importing this module leaves selfkd-train's
     # defaults alone.
     FLAGS.set_default("validation_fraction", search_space.DEFAULT_VALIDATION_FRACTION)
-    common.run(main, PROGRAM)
+    program.run(main, PROGRAM)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """CIFAR-style ResNet / ResNeXt backbones with one classifier exit per stage.
 
+`resnet_backbone` builds the stages and `stage_output_names` declares where
+they end; `build_multi_exit_resnet` attaches an exit to each
+(`selfkd_tf.models.multi_exit.attach_exits`).
+
 The backbones follow torchvision's definitions (ResNet v1.5: the stride of a
 bottleneck block sits on its 3x3 convolution; a 1x1 conv + BN projection
 shortcut whenever the shape changes) with the usual CIFAR stem: a 3x3
@@ -11,8 +15,8 @@ import math
 
 import keras
 
-from selfkd_tf.models.exit_heads import exit_classifier
 from selfkd_tf.models.exit_heads import get_exit_head
+from selfkd_tf.models.multi_exit import attach_exits
 from selfkd_tf.models.primitives import conv_bn
 
 _STEM_CHANNELS = 64
@@ -220,6 +224,19 @@ def resnet_backbone(
     return stage_outputs
 
 
+def stage_output_names(arch: str, num_stages: int = 4) -> list[str]:
+    """The layers whose outputs are the stages of `resnet_backbone`, shallowest first.
+
+    Stage ``s`` ends in the ReLU after its last block's residual add,
+    ``stage{s}_block{depth}_out``.
+
+    >>> stage_output_names("resnet18", 3)
+    ['stage1_block2_out', 'stage2_block2_out', 'stage3_block2_out']
+    """
+    depths = _ARCHITECTURES[arch].depths[:num_stages]
+    return [f"stage{s}_block{d}_out" for s, d in enumerate(depths, start=1)]
+
+
 def _validate_arguments(
     num_classes, input_shape, num_stages, exit_head, width_multiplier
 ):
@@ -329,7 +346,7 @@ def build_multi_exit_resnet(
         )
     if exit_head is None:
         exit_head = _ARCHITECTURES[arch].default_exit_head
-    head = get_exit_head(exit_head)
+    get_exit_head(exit_head)  # validates
     _validate_arguments(
         num_classes, input_shape, num_stages, exit_head, width_multiplier
     )
@@ -341,22 +358,12 @@ def build_multi_exit_resnet(
         width_multiplier=width_multiplier,
         sync_batchnorm=sync_batchnorm,
     )
-    stage_channels = tuple(x.shape[-1] for x in stage_outputs)
-    logits, features = [], []
-    for stage, x in enumerate(stage_outputs, start=1):
-        if stage < num_stages:
-            x = head(
-                x,
-                stage,
-                stage_channels,
-                sync_batchnorm=sync_batchnorm,
-                name=f"exit{stage}_head",
-            )
-        feature, logit = exit_classifier(x, num_classes, stage)
-        features.append(feature)
-        logits.append(logit)
-    return keras.Model(
-        inputs,
-        {"logits": logits, "features": features},
+    trunk = keras.Model(inputs, stage_outputs[-1], name=f"{arch}_backbone")
+    return attach_exits(
+        trunk,
+        num_classes,
+        exits=stage_output_names(arch, num_stages),
+        exit_head=exit_head,
+        sync_batchnorm=sync_batchnorm,
         name=name or f"{arch}_multi_exit",
     )

@@ -1,0 +1,130 @@
+"""Which examples a run trains and evaluates on.
+
+`select_examples` carves a validation split out of the training split, caps
+the training and evaluation splits, and picks what the evaluation split
+holds. Every choice is a stratified draw (each class in proportion to its
+size) fixed by one seed, and kept examples stay in their original relative
+order, which defines their index in the PS-KD table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from selfkd_tf.data.sources import DataError, ImageArrays
+
+__all__ = ["select_examples", "stratified_sample"]
+
+# Distinct streams of the numpy generator that selects examples, so that the
+# validation carve-out and the size caps do not depend on one another.
+_VALIDATION_STREAM, _TRAIN_CAP_STREAM, _EVAL_CAP_STREAM = 0, 1, 2
+
+
+def select_examples(
+    arrays: ImageArrays,
+    *,
+    validation_fraction: float,
+    train_examples: int | None,
+    eval_split: str,
+    eval_examples: int | None,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The training and evaluation examples of a run.
+
+    Args:
+        arrays: the whole dataset.
+        validation_fraction: in `[0, 1)`; when positive, this fraction of the
+            training split is held out as the validation split.
+        train_examples: optional cap on the training split.
+        eval_split: `"test"`, `"validation"` (the held-out part) or `"train"`
+            (the training split actually used).
+        eval_examples: optional cap on the evaluation split.
+        seed: non-negative seed of every draw.
+
+    Returns:
+        `(x_train, y_train, x_eval, y_eval)`.
+
+    Raises:
+        DataError: the validation split or what is left for training would be
+            empty, or the training split holds fewer examples than classes.
+
+    Example:
+
+    >>> from selfkd_tf.data import load_arrays
+    >>> x_train, y_train, x_eval, y_eval = select_examples(
+    ...     load_arrays("digits"), validation_fraction=0.1,
+    ...     train_examples=None, eval_split="validation", eval_examples=None,
+    ...     seed=0,
+    ... )
+    >>> len(y_train), len(y_eval)
+    (1298, 144)
+    """
+    x_train, y_train = arrays.x_train, arrays.y_train
+    if validation_fraction > 0:
+        held_out = stratified_sample(
+            y_train,
+            round(validation_fraction * len(y_train)),
+            seed,
+            _VALIDATION_STREAM,
+        )
+        if not 0 < len(held_out) < len(y_train):
+            raise DataError(
+                f"validation_fraction={validation_fraction} of {len(y_train)} "
+                f"training examples leaves {len(held_out)} for validation; "
+                "both splits need examples"
+            )
+        kept = np.setdiff1d(np.arange(len(y_train)), held_out)
+        x_eval, y_eval = x_train[held_out], y_train[held_out]
+        x_train, y_train = x_train[kept], y_train[kept]
+    else:
+        x_eval, y_eval = arrays.x_test, arrays.y_test
+    if train_examples is not None and train_examples < len(y_train):
+        kept = stratified_sample(y_train, train_examples, seed, _TRAIN_CAP_STREAM)
+        x_train, y_train = x_train[kept], y_train[kept]
+    if len(y_train) < arrays.num_classes:
+        raise DataError(
+            f"the training split holds {len(y_train)} examples for "
+            f"{arrays.num_classes} classes (train_examples={train_examples}, "
+            f"validation_fraction={validation_fraction}); every class needs "
+            "at least one"
+        )
+    if eval_split == "train":
+        x_eval, y_eval = x_train, y_train
+    if eval_examples is not None and eval_examples < len(y_eval):
+        kept = stratified_sample(y_eval, eval_examples, seed, _EVAL_CAP_STREAM)
+        x_eval, y_eval = x_eval[kept], y_eval[kept]
+    return x_train, y_train, x_eval, y_eval
+
+
+def stratified_sample(
+    labels: np.ndarray, count: int, seed: int, stream: int
+) -> np.ndarray:
+    """Indices of `count` examples drawn per class, in proportion to its size.
+
+    Args:
+        labels: int `[N]`.
+        count: number of examples to draw, at most `N`.
+        seed: non-negative seed; with `stream`, fixes the draw.
+        stream: distinguishes independent draws made with the same seed.
+
+    Returns:
+        int64 `[count]`, increasing.
+
+    Example:
+
+    >>> stratified_sample(np.array([0, 0, 0, 0, 1, 1]), 3, seed=0, stream=0)
+    array([0, 2, 5])
+    """
+    rng = np.random.default_rng([seed, stream])
+    classes, sizes = np.unique(labels, return_counts=True)
+    quotas = sizes * (count / len(labels))
+    taken = np.floor(quotas).astype(np.int64)
+    # Largest remainders get the examples rounding left over; the stable sort
+    # breaks ties towards lower class ids.
+    leftover = count - int(taken.sum())
+    taken[np.argsort(taken - quotas, kind="stable")[:leftover]] += 1
+    chosen = [
+        rng.permutation(np.flatnonzero(labels == label))[:size]
+        for label, size in zip(classes, taken)
+    ]
+    return np.sort(np.concatenate(chosen))

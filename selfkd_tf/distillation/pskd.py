@@ -1,0 +1,227 @@
+"""PS-KD's soft targets: the label mixed with the network's own earlier prediction.
+
+Progressive self-knowledge distillation (Kim et al., "Self-Knowledge
+Distillation with Progressive Refinement of Targets", ICCV 2021, Eq. 3 and
+Algorithm 1) trains epoch ``t`` of ``T`` on the targets
+
+    y_soft = (1 - a_t) onehot(y) + a_t P_T(x),    a_t = a_T (t + 1) / T,
+
+where ``P_T(x)`` is the network's prediction for the sample ``x`` made in
+epoch ``t - 1`` (its deepest exit's softmax, or the exits' ensemble). This
+module holds every part of it:
+
+- the schedule `pskd_alpha_at` and the mix `soft_targets` (pure functions);
+- `teacher_probabilities`, the prediction stored for the next epoch;
+- `SoftTargetTable`, the stored predictions of every training sample: read
+  during a step, written for the samples of the step, and moved from this
+  epoch's staging rows into the teacher rows at the end of the epoch, so a
+  prediction made in epoch ``t`` is read only in epoch ``t + 1``;
+- `SoftTargetRefresh`, the Keras callback that sets ``a_t`` at every epoch
+  start and refreshes the table at every epoch end.
+
+Example:
+
+```python
+table = SoftTargetTable(model, num_examples=50000, num_classes=100)
+teacher, valid = table.teacher(index)            # [B, C], [B]
+targets = soft_targets(labels, 100, teacher, alpha_t, valid)
+table.stage(index, tf.nn.softmax(logits))        # read from the next epoch on
+table.refresh()                                  # at the epoch's end
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+TABLE_DTYPES = ("float32", "float16")
+"""Storage of the table: float16 halves its memory."""
+
+
+def pskd_alpha_at(epoch: int, epochs: int, final_alpha: float) -> float:
+    """``a_t = a_T * (t + 1) / T`` for the 0-based epoch ``t`` of ``T``."""
+    return final_alpha * (epoch + 1) / epochs
+
+
+def soft_targets(
+    labels: tf.Tensor,
+    num_classes: int,
+    teacher_probs: tf.Tensor | None = None,
+    alpha_t: tf.Tensor | float = 0.0,
+    teacher_valid: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """PS-KD targets ``y_soft = (1 - a_t) onehot(y) + a_t P_T``.
+
+    Args:
+        labels: int ``[B]``.
+        num_classes: ``C``.
+        teacher_probs: ``[B, C]`` previous-epoch predictions, or ``None`` for
+            one-hot targets.
+        alpha_t: the current mixing weight.
+        teacher_valid: optional ``[B]`` 0/1; rows with 0 have no stored
+            prediction yet (epoch 0, or a sample not seen so far) and get the
+            one-hot label.
+
+    Returns:
+        float32 ``[B, C]``.
+
+    Raises:
+        tf.errors.InvalidArgumentError: if a label is outside
+            ``[0, num_classes)`` (`tf.one_hot` would make its target all
+            zeros, a loss of 0, without an error).
+    """
+    labels = tf.cast(labels, tf.int32)
+    message = f"labels: class ids must be in [0, {num_classes})"
+    checks = [
+        tf.debugging.assert_non_negative(labels, message=message),
+        tf.debugging.assert_less(labels, num_classes, message=message),
+    ]
+    with tf.control_dependencies(checks):
+        one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
+    if teacher_probs is None:
+        return one_hot
+    weight = tf.cast(alpha_t, tf.float32) * tf.ones_like(one_hot[:, :1])
+    if teacher_valid is not None:
+        weight = weight * tf.cast(teacher_valid, tf.float32)[:, None]
+    return one_hot + weight * (tf.cast(teacher_probs, tf.float32) - one_hot)
+
+
+def teacher_probabilities(logits: Sequence[tf.Tensor], teacher: str) -> tf.Tensor:
+    """The prediction PS-KD stores for the next epoch, ``[B, C]``."""
+    if teacher == "deepest":
+        return tf.nn.softmax(logits[-1], axis=-1)
+    return tf.add_n([tf.nn.softmax(z, axis=-1) for z in logits]) / len(logits)
+
+
+
+class SoftTargetTable:
+    """Every training sample's stored prediction, the PS-KD teacher.
+
+    The table's variables are weights of ``owner`` (the `SelfKDModel`), so
+    they are saved and restored with the model's other weights (``.keras``,
+    checkpoints); this object reads and writes them:
+
+    - ``teacher_probs`` ``[N, C]`` (``dtype``): the teacher, the prediction
+      of every sample from the previous epoch;
+    - ``teacher_valid`` ``[N]`` float32: 1 where a row holds a prediction (0
+      rows fall back to one-hot targets, e.g. during epoch 0);
+    - ``staged_probs`` ``[N, C]`` and ``staged_valid`` ``[N]``: this epoch's
+      predictions, written during the steps and moved into the teacher rows
+      by `refresh`.
+
+    Under a `tf.distribute` strategy every replica writes the same
+    all-gathered rows (a mirrored variable cannot be scatter-updated with
+    per-replica values), so the variables aggregate ``ONLY_FIRST_REPLICA``.
+
+    Args:
+        owner: the layer whose weights the variables become.
+        num_examples: ``N``, the training split's size; the sample index
+            addresses the rows.
+        num_classes: ``C``.
+        dtype: one of `TABLE_DTYPES`.
+
+    Raises:
+        ValueError: ``num_examples`` below 1, or an unknown ``dtype``.
+    """
+
+    def __init__(self, owner: keras.layers.Layer, num_examples: int, num_classes: int,
+                 dtype: str = "float32"):
+        if not num_examples or num_examples < 1:
+            raise ValueError(
+                "num_train_examples: PS-KD needs the training split size "
+                f"(one table row per sample); got {num_examples}."
+            )
+        if dtype not in TABLE_DTYPES:
+            raise ValueError(
+                f"table_dtype: got {dtype!r}; allowed: {', '.join(TABLE_DTYPES)}."
+            )
+        self.dtype = dtype
+
+        def weight(name, shape, weight_dtype):
+            return owner.add_weight(
+                shape=shape, initializer="zeros", dtype=weight_dtype, trainable=False,
+                autocast=False, aggregation="only_first_replica", name=name,
+            )
+
+        shape = (num_examples, num_classes)
+        self.teacher_probs = weight("soft_target_table", shape, dtype)
+        self.teacher_valid = weight("soft_target_valid", shape[:1], "float32")
+        self.staged_probs = weight("staged_predictions", shape, dtype)
+        self.staged_valid = weight("staged_valid", shape[:1], "float32")
+
+    def teacher(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The stored predictions of the samples ``index`` (int ``[B]``).
+
+        Returns:
+            ``(probs, valid)``: ``[B, C]`` in the table's dtype and float32
+            ``[B]``, 1 where the row holds a prediction.
+        """
+        index = tf.cast(index, tf.int32)
+        return (tf.gather(self.teacher_probs.value, index),
+                tf.gather(self.teacher_valid.value, index))
+
+    def stage(self, index: tf.Tensor, probs: tf.Tensor) -> None:
+        """Stores this replica's predictions ``probs`` ``[B, C]`` of the samples ``index``.
+
+        Runs in a replica context: every replica's rows are gathered first,
+        so every replica writes all of them.
+        """
+        context = tf.distribute.get_replica_context()
+        # tf.identity places the index on this replica's device: under
+        # MultiWorkerMirroredStrategy the tensor straight from the input
+        # iterator has none, and all_gather then fails ("destinations can not
+        # be empty").
+        index = context.all_gather(tf.identity(tf.cast(index, tf.int32)), axis=0)
+        probs = context.all_gather(probs, axis=0)
+        self.staged_probs.value.scatter_update(
+            tf.IndexedSlices(tf.cast(probs, self.dtype), index)
+        )
+        self.staged_valid.value.scatter_update(
+            tf.IndexedSlices(tf.ones_like(index, tf.float32), index)
+        )
+
+    def refresh(self) -> None:
+        """Moves this epoch's staged predictions into the teacher rows.
+
+        Rows not predicted this epoch (partial epochs, dropped remainders)
+        keep their previous content.
+        """
+        staged = self.staged_valid.value > 0
+        self.teacher_probs.assign(
+            tf.where(staged[:, None], self.staged_probs.value, self.teacher_probs.value)
+        )
+        self.teacher_valid.assign(
+            tf.maximum(self.teacher_valid.value, self.staged_valid.value)
+        )
+        self.staged_valid.assign(tf.zeros_like(self.staged_valid.value))
+
+
+class SoftTargetRefresh(keras.callbacks.Callback):
+    """Advances PS-KD by one epoch: sets ``a_t``, then refreshes the table.
+
+    At the start of epoch ``t`` it sets ``a_t = a_T * (t + 1) / T``; at the
+    end it moves the predictions made during the epoch into the teacher
+    table (`SelfKDModel.refresh_soft_targets`), so epoch ``t + 1`` learns
+    from them. `SelfKDModel.fit` adds this callback itself when PS-KD is on.
+
+    Args:
+        epochs: ``T``, the length of the schedule; defaults to the ``epochs``
+            passed to `fit`. Set it when training in several `fit` calls.
+
+    Example:
+
+    >>> model.fit(train_ds, epochs=300, callbacks=[SoftTargetRefresh()])
+    """
+
+    def __init__(self, epochs: int | None = None):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.begin_pskd_epoch(epoch, self.epochs or self.params["epochs"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.refresh_soft_targets()

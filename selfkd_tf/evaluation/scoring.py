@@ -1,0 +1,92 @@
+"""Scoring a multi-exit model on a dataset: every exit's probabilities and metrics.
+
+`predict_exit_probabilities` runs the model over a dataset;
+`evaluate_model` turns its exits' probabilities into the ``metrics.json``
+record (`selfkd_tf.metrics.record.build_metrics_record`) that training,
+``selfkd-eval`` and ``selfkd-report`` share; `format_metrics_table` prints
+one.
+
+Example:
+
+```python
+record = evaluate_model(model, test_ds, dataset_name="cifar100", split="test",
+                        arch="resnet18", methods=("pskd",))
+print(format_metrics_table(record))
+```
+"""
+
+from __future__ import annotations
+
+import typing
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from selfkd_tf.metrics import record as metrics_record
+from selfkd_tf.metrics import scores as metrics_lib
+from selfkd_tf.models.costs import count_parameters
+
+
+def predict_exit_probabilities(
+    model: keras.Model, dataset: tf.data.Dataset
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every exit's class probabilities on ``dataset``, and its labels.
+
+    Returns:
+        ``([P_1, ..., P_N], labels)``, ``P_i`` float32 ``[n, C]``.
+    """
+
+    @tf.function
+    def probabilities(images):
+        logits = model(images, training=False)["logits"]
+        return [tf.nn.softmax(tf.cast(z, tf.float32)) for z in logits]
+
+    batches, labels = [], []
+    for x, y in dataset:
+        images = x["image"] if isinstance(x, dict) else x
+        batches.append([p.numpy() for p in probabilities(images)])
+        labels.append(y.numpy())
+    return [np.concatenate(exit_probs) for exit_probs in zip(*batches)], np.concatenate(labels)
+
+
+def evaluate_model(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    *,
+    dataset_name: str,
+    split: str,
+    arch: str,
+    methods: typing.Sequence[str],
+    train_time_s: float | None = None,
+    epochs: int | None = None,
+) -> dict:
+    """The ``metrics.json`` record of ``model`` on ``dataset``.
+
+    ``params`` counts the trainable weights of the whole multi-exit network.
+    """
+    exit_probs, labels = predict_exit_probabilities(model, dataset)
+    return metrics_record.build_metrics_record(
+        exit_probs, labels, dataset=dataset_name, split=split, arch=arch,
+        methods=list(methods), params=count_parameters(model.backbone),
+        train_time_s=train_time_s, epochs=epochs,
+    )
+
+
+def format_metrics_table(record: dict) -> str:
+    """A plain-text table of a metrics record, one row per exit + ensemble.
+
+    Example:
+
+        exit        top1_err  top5_err     nll     ece    aurc   eaurc
+        1              45.12     14.20   1.812    8.31  180.20   60.12
+        ...
+        ensemble       30.05      8.90   1.102    3.02   90.11   40.33
+    """
+    keys = metrics_lib.METRIC_KEYS
+    rows = [(str(e["exit"]), e) for e in record["exits"]]
+    rows.append(("ensemble", record["ensemble"]))
+    lines = [f"{'exit':<10}" + "".join(f"{k:>10}" for k in keys)]
+    for name, scores in rows:
+        lines.append(f"{name:<10}" + "".join(f"{scores[k]:>10.3f}" for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,261 @@
+"""The multi-exit contract: what a backbone must output, and where its exits sit.
+
+A multi-exit backbone is a functional `keras.Model` from images
+``[B, H, W, C]`` to
+
+    {"logits": [z_1, ..., z_N], "features": [F_1, ..., F_N]}
+
+with ``N >= 1`` exits numbered from the shallowest (1) to the deepest (N),
+``z_i`` float ``[B, classes]`` and ``F_i`` float ``[B, D]`` (every exit has
+the deepest feature's width ``D``, so the feature losses can compare them).
+`selfkd_tf.distillation.model.SelfKDModel` trains such a model,
+`selfkd_tf.serving` serves it.
+
+Exit ``k`` is the branch `attach_exits` adds on a tensor of the backbone,
+its *stage*: an exit head (`selfkd_tf.models.exit_heads`, for every exit
+but the deepest) and a classifier, all in layers named ``exit{k}_*``. What
+the rest of the library needs to know of an exit is found through those
+layers, whatever the backbone: the stage is the one tensor the exit's layers
+read from outside the exit (`exit_segments`), so the network can be cut into
+the consecutive pieces an early-exit cascade runs one by one.
+
+- `check_multi_exit` checks a model against the contract, in one line;
+- `attach_exits` adds the exits to a backbone's stages;
+- `exit_model` cuts the classifier of one exit (or of the ensemble);
+- `exit_segments` cuts the network into stages and exit heads.
+
+Example:
+
+```python
+backbone = build_multi_exit_resnet("resnet18", num_classes=10)
+num_exits, num_classes, width = check_multi_exit(backbone)   # 4, 10, 512
+deepest = exit_model(backbone, num_exits)                    # images -> [z_4]
+segments = exit_segments(backbone)                           # 4 stages, 4 heads
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import keras
+
+from selfkd_tf.models.exit_heads import exit_classifier, get_exit_head
+
+ENSEMBLE = "ensemble"
+"""`exit_model`'s name for the mean of every exit's probabilities."""
+
+_CONTRACT = ('a functional keras.Model whose output is {"logits": [z_1..z_N], '
+             '"features": [F_1..F_N]} (build one with '
+             "selfkd_tf.build_multi_exit_resnet)")
+
+
+def _describe(output) -> str:
+    if isinstance(output, dict):
+        return f"a dict with the keys {sorted(map(str, output))}"
+    if isinstance(output, (list, tuple)):
+        return f"a list of {len(output)} tensors"
+    return f"one tensor of shape {tuple(getattr(output, 'shape', ()))}"
+
+
+def check_multi_exit(backbone) -> tuple[int, int, int]:
+    """Checks that ``backbone`` keeps the multi-exit contract.
+
+    Args:
+        backbone: the model to check.
+
+    Returns:
+        ``(N, classes, D)``: the number of exits, of classes and the
+        features' width.
+
+    Raises:
+        ValueError: one line, starting ``backbone:``, saying what differs
+            from the contract: not a functional model, another output
+            structure, lists of different lengths, exits with different
+            numbers of classes or feature widths, tensors that are not
+            ``[batch, n]``.
+
+    Example:
+
+    >>> check_multi_exit(keras.applications.MobileNetV3Small(weights=None))
+    Traceback (most recent call last):
+    ValueError: backbone: expected a functional keras.Model whose output is ...
+    """
+    if not isinstance(backbone, keras.Model):
+        raise ValueError(f"backbone: expected {_CONTRACT}; got {type(backbone).__name__}")
+    try:
+        output = backbone.output
+    except (AttributeError, ValueError):
+        raise ValueError(
+            f"backbone: expected {_CONTRACT}; got a {type(backbone).__name__} "
+            "without symbolic outputs (a subclassed model)") from None
+    if not (isinstance(output, dict) and set(output) == {"logits", "features"}
+            and all(isinstance(output[k], (list, tuple)) for k in output)):
+        raise ValueError(f"backbone: expected {_CONTRACT}; got {_describe(output)}")
+    logits, features = output["logits"], output["features"]
+    if not logits or len(logits) != len(features):
+        raise ValueError(
+            f"backbone: expected as many features as logits, at least one; got "
+            f"{len(logits)} logits and {len(features)} features")
+    for kind, tensors in (("logits", logits), ("features", features)):
+        shapes = [tuple(t.shape) for t in tensors]
+        if any(len(s) != 2 or s[-1] is None for s in shapes):
+            raise ValueError(f"backbone: every {kind} tensor must be [batch, n]; got {shapes}")
+        if len({s[-1] for s in shapes}) != 1:
+            raise ValueError(
+                f"backbone: every exit's {kind} must have the same width; got {shapes}")
+    return len(logits), int(logits[-1].shape[-1]), int(features[-1].shape[-1])
+
+
+def attach_exits(
+    backbone: keras.Model,
+    num_classes: int,
+    exits: Sequence[str],
+    exit_head: str = "bottleneck",
+    sync_batchnorm: bool = False,
+    name: str | None = None,
+) -> keras.Model:
+    """Adds a classifier exit to each of ``backbone``'s stages.
+
+    Exit ``k`` reads the output of the layer ``exits[k - 1]``; the deepest
+    exit, the last, reads the backbone's output. Every exit but the deepest
+    starts with an exit head that maps its stage to a map with the deepest
+    stage's channels and resolution; every exit then pools that map into
+    its feature ``F_k`` and classifies it into ``z_k``
+    (`selfkd_tf.models.exit_heads`). Layers are named ``exit{k}_*``. The
+    heads never feed back into the backbone, so the deepest exit is the
+    backbone plus its classifier.
+
+    Args:
+        backbone: a functional model from images to its deepest stage's
+            feature map ``[B, h, w, D]``.
+        num_classes: classes of every exit.
+        exits: the names of the layers whose outputs are the stages,
+            shallowest first, the last being the backbone's output layer.
+        exit_head: one of `selfkd_tf.models.exit_heads.EXIT_HEADS`.
+        sync_batchnorm: whether the heads' batch norms synchronise their
+            statistics across replicas.
+        name: the model's name; default ``f"{backbone.name}_multi_exit"``.
+
+    Returns:
+        A functional model with the multi-exit contract (`check_multi_exit`),
+        sharing the backbone's layers.
+
+    Raises:
+        ValueError: an unknown ``exit_head``, or ``exits`` whose last entry
+            is not the backbone's output.
+    """
+    head = get_exit_head(exit_head)
+    stages = [backbone.get_layer(reference).output for reference in exits]
+    if stages[-1] is not backbone.output:
+        raise ValueError(
+            f"exits: the deepest exit reads the backbone's output, the layer "
+            f"{backbone.output._keras_history.operation.name!r}; got {exits[-1]!r}")
+    stage_channels = tuple(x.shape[-1] for x in stages)
+    logits, features = [], []
+    for k, x in enumerate(stages, start=1):
+        if k < len(stages):
+            x = head(x, k, stage_channels, sync_batchnorm=sync_batchnorm,
+                     name=f"exit{k}_head")
+        feature, logit = exit_classifier(x, num_classes, k)
+        features.append(feature)
+        logits.append(logit)
+    return keras.Model(backbone.input, {"logits": logits, "features": features},
+                       name=name or f"{backbone.name}_multi_exit")
+
+
+def exit_model(backbone: keras.Model, exit: int | str) -> keras.Model:  # noqa: A002
+    """The sub-model of ``backbone`` computing one exit's logits, or every exit's.
+
+    Args:
+        backbone: a multi-exit backbone.
+        exit: a 1-based exit index, or `ENSEMBLE`.
+
+    Returns:
+        A functional model from the backbone's (normalised) image input to a
+        list of logits: ``[z_k]``, or ``[z_1, ..., z_N]`` for the ensemble.
+        It shares the backbone's layers and holds only those the outputs
+        depend on.
+    """
+    logits = backbone.output["logits"]
+    outputs = logits if exit == ENSEMBLE else [logits[exit - 1]]
+    name = f"{backbone.name}_{exit if exit == ENSEMBLE else f'exit{exit}'}"
+    return keras.Model(backbone.input, outputs, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitSegments:
+    """A multi-exit backbone cut into the pieces a cascade runs one by one.
+
+    Attributes:
+        stages: ``N`` functional models; ``stages[0]`` maps the (normalised)
+            image ``[B, H, W, C]`` to exit 1's stage, and ``stages[k]`` maps
+            exit ``k``'s stage to exit ``k + 1``'s.
+        heads: ``N`` functional models; ``heads[k]`` maps exit ``k + 1``'s
+            stage to its logits ``[B, classes]``.
+
+    They share the backbone's layers and weights, so
+    ``heads[k](stages[k](...stages[0](x)))`` is the backbone's
+    ``logits[k]``.
+    """
+
+    stages: tuple[keras.Model, ...]
+    heads: tuple[keras.Model, ...]
+
+
+def _nodes(model: keras.Model) -> list:
+    """The nodes of ``model``'s own graph (a layer called elsewhere too has
+    nodes of other graphs)."""
+    return [node for nodes in model._nodes_by_depth.values() for node in nodes]
+
+
+def exit_stage(backbone: keras.Model, exit: int):  # noqa: A002
+    """The tensor of ``backbone`` that exit ``exit`` (1-based) reads: its stage.
+
+    Found through the exit itself: the one tensor that the exit's layers
+    (named ``exit{k}_*`` by `attach_exits`) read from outside the exit.
+
+    Raises:
+        ValueError: the exit has no layers, or they read more than one
+            tensor of the rest of the network.
+    """
+    prefix = f"exit{exit}_"
+    inside = lambda operation: operation.name.startswith(prefix)  # noqa: E731
+    read = {}
+    for node in _nodes(backbone):
+        if inside(node.operation):
+            for tensor in node.input_tensors:
+                if not inside(tensor._keras_history.operation):
+                    read[id(tensor)] = tensor
+    if len(read) != 1:
+        raise ValueError(
+            f"backbone: exit {exit} must read one tensor of the network through its "
+            f"layers '{prefix}*'; found {len(read)}")
+    return next(iter(read.values()))
+
+
+def exit_segments(backbone: keras.Model) -> ExitSegments:
+    """Cuts a multi-exit backbone into stages and exit heads.
+
+    Args:
+        backbone: a multi-exit backbone whose exits were attached by
+            `attach_exits` (`exit_stage` finds each exit's stage).
+
+    Returns:
+        `ExitSegments`.
+
+    Raises:
+        ValueError: an exit's stage cannot be found, or a piece between two
+            stages needs anything but the shallower stage (Keras then finds
+            the cut graph disconnected).
+    """
+    num_exits, _, _ = check_multi_exit(backbone)
+    logits = backbone.output["logits"]
+    ends = [exit_stage(backbone, k) for k in range(1, num_exits + 1)]
+    starts = [backbone.input, *ends[:-1]]
+    stages = tuple(keras.Model(start, end, name=f"{backbone.name}_stage{k}")
+                   for k, (start, end) in enumerate(zip(starts, ends), start=1))
+    heads = tuple(keras.Model(end, z, name=f"{backbone.name}_exit{k}")
+                  for k, (end, z) in enumerate(zip(ends, logits), start=1))
+    return ExitSegments(stages, heads)
