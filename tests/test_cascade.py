@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cli_support import environment
 from selfkd_tf.models import costs as costs_lib
 from selfkd_tf.models import multi_exit
 from selfkd_tf.serving import saved_model as export
 from selfkd_tf.models.multi_exit import exit_segments
 from selfkd_tf.serving.cascade import EarlyExitCascade, check_threshold
 from selfkd_tf.serving.early_exit import first_confident_exit
-from serving_support import NAMES, normalized, tiny_model
+from support import SERVING_CLASSES, environment, serving_input, serving_model
 
 
 # A serving client: a fresh interpreter that never imports selfkd_tf. It
@@ -68,7 +67,7 @@ np.savez(out, **results)
 
 @pytest.fixture(scope="module")
 def model():
-    model = tiny_model(seed=4)
+    model = serving_model(seed=4)
     # Sharper classifiers spread the exits' confidences over (0.3, 1), so a
     # threshold can send examples to every exit.
     for k in (1, 2, 3):
@@ -88,7 +87,7 @@ def images():
 @pytest.fixture(scope="module")
 def reference(model, images):
     """Every exit's logits on the whole batch, as the Keras model computes them."""
-    logits = model(normalized(images), training=False)["logits"]
+    logits = model(serving_input(images), training=False)["logits"]
     return np.stack([z.numpy() for z in logits])
 
 
@@ -114,7 +113,7 @@ def threshold(reference):
 
 def test_segments_compose_to_the_backbone_and_split_its_flops(model, images, reference):
     segments = exit_segments(model.backbone)
-    features = normalized(images)
+    features = serving_input(images)
     for k, (stage, head) in enumerate(zip(segments.stages, segments.heads)):
         features = stage(features, training=False)
         np.testing.assert_allclose(head(features, training=False), reference[k], atol=1e-5)
@@ -128,7 +127,7 @@ def test_segments_compose_to_the_backbone_and_split_its_flops(model, images, ref
 
 def test_each_example_answers_at_its_first_confident_exit(model, images, reference, threshold):
     cascade = EarlyExitCascade(model.backbone, threshold)
-    outputs = tf.function(cascade)(normalized(images))
+    outputs = tf.function(cascade)(serving_input(images))
     expected_exits = first_confident_exit(_confidences(reference), threshold)
     np.testing.assert_array_equal(outputs["exit_ids"], expected_exits)
     np.testing.assert_allclose(
@@ -142,7 +141,7 @@ def test_one_image_at_a_time_skips_the_deeper_stages(model, images, reference, t
     cascade = EarlyExitCascade(model.backbone, threshold)
     serve = tf.function(cascade)
     expected_exits = first_confident_exit(_confidences(reference), threshold)
-    for image, exit_id in zip(normalized(images), expected_exits):
+    for image, exit_id in zip(serving_input(images), expected_exits):
         before = cascade.stage_examples.numpy()
         outputs = serve(image[None])
         assert outputs["exit_ids"].numpy().tolist() == [exit_id]
@@ -161,9 +160,9 @@ def served(model, images, threshold, tmp_path_factory):
     """The cascade, exit-1 and deepest exports, run by a client without selfkd_tf."""
     root = tmp_path_factory.mktemp("cascade")
     cascade = export.export_saved_model(model, str(root / "cascade"), exit="cascade",
-                                        threshold=threshold, class_names=NAMES)
+                                        threshold=threshold, class_names=SERVING_CLASSES)
     singles = [export.export_saved_model(model, str(root / f"exit{k}"), exit=k,
-                                         class_names=NAMES) for k in (1, 3)]
+                                         class_names=SERVING_CLASSES) for k in (1, 3)]
     np.save(root / "images.npy", images)
     subprocess.run(
         [sys.executable, "-c", LOADER, str(root / "out.npz"), str(root / "images.npy"),
@@ -193,7 +192,8 @@ def test_served_cascade_answers_and_skips_at_batch_64_and_1(served, name, refere
     np.testing.assert_allclose(out["logits"], logits, atol=1e-4)
     np.testing.assert_allclose(out["probabilities"], keras.ops.softmax(logits), atol=1e-5)
     np.testing.assert_array_equal(out["class_ids"], logits.argmax(-1))
-    assert [n.decode() for n in out["class_names"]] == [NAMES[c] for c in logits.argmax(-1)]
+    assert [n.decode() for n in out["class_names"]] == [
+        SERVING_CLASSES[c] for c in logits.argmax(-1)]
     np.testing.assert_array_equal(out["stage_examples"],
                                   [np.sum(expected_exits >= k) for k in (1, 2, 3)])
 
@@ -213,7 +213,7 @@ def test_threshold_0_and_above_1_equal_the_single_exit_exports_exactly(
 
 def test_served_cascade_names_its_classes(served):
     _, results = served
-    assert [n.decode() for n in results["cascade/classes"]] == list(NAMES)
+    assert [n.decode() for n in results["cascade/classes"]] == list(SERVING_CLASSES)
 
 
 BAD_THRESHOLDS = [-1.0, float("nan"), float("inf")]
@@ -224,7 +224,7 @@ def test_cascade_call_refuses_a_bad_threshold(model, images, bad):
     """A per-call threshold the constructor would refuse fails the call
     (eagerly and in a graph) before any stage runs."""
     cascade = EarlyExitCascade(model.backbone, 0.5)
-    inputs = normalized(images[:4])
+    inputs = serving_input(images[:4])
     for call in (cascade, tf.function(cascade)):
         with pytest.raises(tf.errors.InvalidArgumentError,
                            match=r"threshold: must be a number >= 0"):

@@ -14,14 +14,21 @@ import sys
 import pytest
 from absl import flags
 
-from cli_support import CONFIGS, REPO, environment, last_line, run_cli, write_npz
 from selfkd_tf.experiment import training as experiment
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import program
 from selfkd_tf.rundir.layout import RUN_FILES
 from selfkd_tf.experiment.settings import TrainSettings
 from selfkd_tf.errors import SettingsError
-from test_epoch_logs import tensorboard_scalars
+from support import (
+    CONFIGS,
+    REPO,
+    environment,
+    last_line,
+    run_cli,
+    tensorboard_scalars,
+    write_learnable_npz,
+)
 
 # TensorFlow's C++ start-up messages on a machine without a GPU.
 TF_NOISE = re.compile(r"absl::InitializeLog|cudart_stub|cuda drivers|cuInit|oneDNN|"
@@ -156,7 +163,7 @@ def test_bad_data_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_train_writes_a_run_and_never_overwrites_it_silently(tmp_path):
-    dataset = write_npz(tmp_path / "tiny.npz")
+    dataset = write_learnable_npz(tmp_path / "tiny.npz")
     run_dir = tmp_path / "run"
     # As a user runs it: no variable quiets TensorFlow, no GPU is hidden.
     result = run_cli(

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_builders import (
+from selfkd_tf.data import DatasetInfo, load_arrays, make_datasets
+from support import (
     assert_one_line_data_error,
     positions,
     read_epochs,
     read_pass,
     small_npz,
     write_image_folder,
-    write_npz,
+    write_npz_arrays,
 )
-from selfkd_tf.data import DatasetInfo, load_arrays, make_datasets
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_augmentation_crops_the_zero_padded_raw_image_and_flips(tmp_path):
     ).astype(np.uint8)
     x = np.repeat(image[None], 40, axis=0)
     y = np.arange(40) % 2
-    dataset = write_npz(
+    dataset = write_npz_arrays(
         tmp_path, x_train=x, y_train=y, x_test=x[:2], y_test=y[:2]
     )
     train, _, info = make_datasets(dataset, batch_size=40, epochs=3)
@@ -323,7 +323,7 @@ Y = np.array([0, 1, 0, 1])
 def _argument_case(pattern, **kwargs):
     def build(tmp_path):
         return (
-            write_npz(tmp_path, x_train=X, y_train=Y, x_test=X, y_test=Y),
+            write_npz_arrays(tmp_path, x_train=X, y_train=Y, x_test=X, y_test=Y),
             kwargs,
             pattern,
         )

@@ -5,20 +5,18 @@ import math
 import os
 import shutil
 
-import keras
 import numpy as np
 import pytest
 
-from cli_support import last_line, run_cli, write_npz
 from selfkd_tf.serving import early_exit
 from selfkd_tf.experiment import training as experiment
 from selfkd_tf.serving.early_exit import (DEFAULT_THRESHOLDS, early_exit_curve, first_confident_exit,
                                   select_threshold)
 from selfkd_tf.models.costs import ExitCosts
 from selfkd_tf.metrics.scores import top_k_error
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.experiment.trained import evaluate_trained, load_trained_model
 from selfkd_tf.experiment.settings import TrainSettings
+from support import last_line, run_cli, tiny_backbone, write_learnable_npz
 
 COSTS = ExitCosts(stage_flops=(100, 200, 300), head_flops=(10, 20, 5))
 
@@ -122,9 +120,7 @@ def test_select_threshold_refuses_criteria_that_are_not_finite(criterion):
 
 
 def test_measure_latency_times_every_exit_and_threshold():
-    keras.utils.set_random_seed(0)
-    backbone = build_multi_exit_resnet("resnet18", 3, input_shape=(8, 8, 3), num_stages=2,
-                                       width_multiplier=0.0625)
+    backbone = tiny_backbone(3, image_size=8, seed=0)
     images = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
     latency = early_exit.measure_latency(backbone, images, thresholds=[2.0, 0.0], rounds=1)
     assert (latency["examples"], latency["batch_sizes"], latency["rounds"]) == (6, [1, 6], 1)
@@ -138,7 +134,8 @@ def run_dir(tmp_path_factory):
     """A finished one-epoch run that held out a quarter of its training set."""
     root = tmp_path_factory.mktemp("early_exit")
     settings = TrainSettings(
-        dataset=write_npz(root / "data.npz", n_train=96, n_test=32), validation_fraction=0.25,
+        dataset=write_learnable_npz(root / "data.npz", n_train=96, n_test=32),
+        validation_fraction=0.25,
         arch="resnet18", width_multiplier=0.0625, num_stages=2, epochs=1, batch_size=32,
         lr=0.05, lr_schedule="constant", methods=("byot",), model_dir=str(root / "run"))
     experiment.train(settings)

@@ -19,11 +19,10 @@ import sys
 
 import pytest
 
-from cli_support import REPO, environment
+from support import REPO, environment, tiny_backbone
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
-TINY = 0.0625
 NETWORKS = ("resnet18",)
 NUM_STAGES = 2
 """Two stages of ResNet-18 hold every kind of layer the networks have (3x3,
@@ -35,7 +34,7 @@ def child() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from selfkd_tf.models import EXIT_HEADS, build_multi_exit_resnet
+    from selfkd_tf.models import EXIT_HEADS
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
@@ -52,9 +51,8 @@ def child() -> None:
             with strategy.scope():
                 # Synchronised batch norm: the empty replica takes part in
                 # every all-reduce, so it runs the whole network.
-                model = build_multi_exit_resnet(
-                    arch, NUM_CLASSES, (IMAGE_SIZE, IMAGE_SIZE, 3), NUM_STAGES, head,
-                    TINY, sync_batchnorm=True)
+                model = tiny_backbone(NUM_CLASSES, IMAGE_SIZE, num_stages=NUM_STAGES,
+                                      exit_head=head, sync_batchnorm=True, arch=arch)
 
             def step(x):
                 with tf.GradientTape() as tape:

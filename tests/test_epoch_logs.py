@@ -1,32 +1,23 @@
 """What an epoch's logs say: the values it trained with, numbered as on the console."""
 
 import csv
-import glob
-import os
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.distillation.pskd import SoftTargetRefresh
 from selfkd_tf.experiment.callbacks import EpochSummary, EpochTensorBoard, HistoryCSV
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.distillation.model import SelfKDModel
-from synthetic import indexed_dataset, learnable_arrays
+from support import indexed_dataset, learnable_arrays, tensorboard_scalars, tiny_model
 
 NUM_CLASSES = 4
 
 
 def _model(n, methods=("pskd",), pskd_alpha=0.8, lr=0.05, schedule="constant",
            epochs=2, steps=2):
-    keras.utils.set_random_seed(0)
-    backbone = build_multi_exit_resnet(
-        "resnet18", NUM_CLASSES, input_shape=(16, 16, 3), num_stages=2,
-        width_multiplier=0.0625)
-    model = SelfKDModel(backbone, num_train_examples=n, config=SelfKDConfig(
+    model = tiny_model(NUM_CLASSES, n, image_size=16, seed=0, config=SelfKDConfig(
         methods=methods, pskd_alpha=pskd_alpha))
     model.compile(optimizer=make_optimizer(lr, schedule=schedule, epochs=epochs,
                                            steps_per_epoch=steps))
@@ -80,19 +71,6 @@ def test_alpha_t_counts_only_the_rows_that_have_a_teacher():
                         verbose=0, callbacks=[refresh])
     # a_1 = 0.8 * 2 / 2 = 0.8, applied to half of the batch.
     np.testing.assert_allclose(history.history["alpha_t"], [0.4], rtol=1e-6)
-
-
-def tensorboard_scalars(log_dir):
-    """``{tag: {step: value}}`` of the scalars under ``log_dir``."""
-    scalars = {}
-    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"),
-                          recursive=True):
-        run = os.path.basename(os.path.dirname(path))
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                scalars.setdefault(f"{run}/{value.tag}", {})[event.step] = float(
-                    tf.make_ndarray(value.tensor))
-    return scalars
 
 
 def test_console_history_and_tensorboard_number_epochs_alike(tmp_path, capsys):

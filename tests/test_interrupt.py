@@ -11,13 +11,12 @@ import time
 import pytest
 import tensorflow as tf
 
-from cli_support import CONFIGS, REPO, command, environment, last_line, write_npz
 from selfkd_tf.experiment import checkpointing
 from selfkd_tf.cli import program
 from selfkd_tf.distillation.config import SelfKDConfig
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.distillation.model import SelfKDModel
+from support import (
+    CONFIGS, REPO, command, environment, last_line, tiny_model, write_learnable_npz)
 
 MESSAGE = re.compile(
     r"^selfkd-train: error: interrupted at epoch \d+ step \d+; rerun the same "
@@ -26,9 +25,7 @@ MESSAGE = re.compile(
 
 
 def _tiny_model():
-    model = SelfKDModel(
-        build_multi_exit_resnet("resnet18", 2, (8, 8, 3), 2, width_multiplier=0.0625),
-        num_train_examples=4, config=SelfKDConfig(methods=("pskd",)))
+    model = tiny_model(2, 4, image_size=8, config=SelfKDConfig(methods=("pskd",)))
     model.compile(optimizer=make_optimizer(0.1, epochs=1))
     model.optimizer.build(model.trainable_variables)
     return model
@@ -126,7 +123,7 @@ SIGNALS = {name: signal.SIGTERM if "SIGTERM" in name else signal.SIGINT for name
 
 
 def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tmp_path):
-    dataset = write_npz(tmp_path / "data.npz", n_train=64)
+    dataset = write_learnable_npz(tmp_path / "data.npz", n_train=64)
     args = [f"--flagfile={CONFIGS / 'smoke.flags'}", f"--dataset={dataset}",
             "--epochs=3", "--batch_size=4", "--save_every_steps=1",
             "--train_examples=64", "--image_size=8"]

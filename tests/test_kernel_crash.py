@@ -18,10 +18,9 @@ import sys
 import keras
 import numpy as np
 
-from cli_support import REPO, environment, last_line
-from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, build_multi_exit_resnet
+from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS
+from support import REPO, environment, last_line, tiny_backbone
 
-TINY = 0.0625
 REPEATS = 2
 """Runs of every layer at every size, per kernel setting."""
 
@@ -31,7 +30,7 @@ def strided_layers() -> list[dict]:
     found = {}
     for arch in ARCHITECTURES:
         for head in EXIT_HEADS:
-            model = build_multi_exit_resnet(arch, 10, (8, 8, 3), 4, head, TINY)
+            model = tiny_backbone(10, image_size=8, num_stages=4, exit_head=head, arch=arch)
             for layer in model.layers:
                 if not isinstance(
                         layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
@@ -60,7 +59,7 @@ def test_every_strided_layer_runs_at_every_batch_and_image_size(tmp_path):
     assert len(kinds) == 3 and len(layers) > 20, kinds
     path = tmp_path / "layers.json"
     path.write_text(json.dumps(layers, default=str))
-    command = [sys.executable, str(REPO / "tests" / "strided_layers.py"), str(path),
+    command = [sys.executable, str(REPO / "tests" / "kernel_crash_child.py"), str(path),
                str(REPEATS)]
     # One process per kernel setting, side by side.
     settings = [{}, {"TF_ENABLE_ONEDNN_OPTS": "1"}]

@@ -2,8 +2,8 @@
 
 The cluster tests run ``selfkd-train`` as two worker processes on 127.0.0.1
 (free ports, one ``TF_CONFIG`` each, a private ``TMPDIR`` and working
-directory each, bounded waits). `tests/test_distribute.py` checks that two
-workers train as one process.
+directory each, bounded waits). `tests/test_distribution_strategies.py`
+checks that two workers train as one process.
 """
 
 import json
@@ -19,15 +19,25 @@ import numpy as np
 import pytest
 from keras.src.backend.tensorflow import trainer as keras_trainer
 
-from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
-from cluster_support import (
-    CHILD_TIMEOUT_S, kill_at_checkpoint, run_once, tf_config)
 from selfkd_tf.experiment import checkpointing
 from selfkd_tf.distribution import cluster
 from selfkd_tf.distribution import multiworker
 from selfkd_tf.distribution.strategy import make_strategy
 from selfkd_tf.experiment.trained import load_trained_model
 from selfkd_tf.rundir.layout import RUN_FILES
+from support import (
+    CHILD_TIMEOUT_S,
+    CONFIGS,
+    REPO,
+    command,
+    environment,
+    kill_at_checkpoint,
+    last_line,
+    run_cli,
+    run_once,
+    tf_config,
+    write_learnable_npz,
+)
 
 STEPS_PER_EPOCH = 4  # 53 training examples in global batches of 16: the last holds 5
 # PS-KD alone (its table is part of what a resume must restore) and
@@ -192,7 +202,7 @@ def test_multiworker_strategy_needs_a_good_tf_config(monkeypatch):
 
 
 def test_cli_refuses_a_bad_tf_config_in_one_line(tmp_path):
-    dataset = write_npz(tmp_path / "data.npz", n_train=53, n_test=21, size=8)
+    dataset = write_learnable_npz(tmp_path / "data.npz", n_train=53, n_test=21, size=8)
     run_dir = tmp_path / "run"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -260,7 +270,7 @@ def trained_cluster(tmp_path_factory):
     """A finished two-worker ``selfkd-train`` run, uninterrupted."""
 
     def produce(folder):
-        dataset = write_npz(folder / "data.npz", n_train=53, n_test=21, size=8)
+        dataset = write_learnable_npz(folder / "data.npz", n_train=53, n_test=21, size=8)
         processes = _start_workers(folder, dataset, [folder / "run"] * 2)
         outputs = _outputs(processes)
         for index, (out, err) in enumerate(outputs):

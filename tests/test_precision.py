@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from selfkd_tf.distribution.strategy import set_mixed_precision
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
 from selfkd_tf.distillation.model import SelfKDModel
-from synthetic import indexed_dataset, learnable_arrays
+from support import indexed_dataset, learnable_arrays, tiny_model
 
 NUM_CLASSES = 4
 NUM_EXAMPLES, BATCH, EPOCHS = 32, 16, 2
@@ -36,12 +35,7 @@ def _train(jit_compile: bool = False) -> tuple[SelfKDModel, dict, np.ndarray]:
     Plain SGD (no momentum) makes the first update ``-lr * gradient``; the
     second epoch reads the PS-KD table written in the first.
     """
-    keras.utils.set_random_seed(0)
-    backbone = build_multi_exit_resnet(
-        "resnet18", NUM_CLASSES, input_shape=(16, 16, 3), num_stages=2,
-        width_multiplier=0.0625,
-    )
-    model = SelfKDModel(backbone, num_train_examples=NUM_EXAMPLES)
+    model = tiny_model(NUM_CLASSES, NUM_EXAMPLES, image_size=16, seed=0)
     model.compile(
         optimizer=make_optimizer(0.01, momentum=0.0, nesterov=False, schedule="constant"),
         jit_compile=jit_compile,

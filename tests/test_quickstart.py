@@ -4,7 +4,7 @@ import json
 import re
 import shlex
 
-from cli_support import REPO, run_cli
+from support import REPO, run_cli
 
 QUICKSTART_TRAINING = "pip install -e . && selfkd-train --flagfile=configs/quickstart.flags"
 

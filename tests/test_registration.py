@@ -8,11 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from cli_support import REPO, environment
 from selfkd_tf import registration
 from selfkd_tf.distillation.config import SelfKDConfig
-from selfkd_tf.models import build_multi_exit_resnet
-from selfkd_tf.distillation.model import SelfKDModel
+from support import REPO, environment, tiny_model
 
 
 def _registered_classes() -> dict[str, list[str]]:
@@ -54,9 +52,7 @@ IMPORTS = {
 
 @pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")
 def test_import_selfkd_tf_then_load_model(tmp_path):
-    model = SelfKDModel(
-        build_multi_exit_resnet("resnet18", 3, (8, 8, 3), 2, width_multiplier=0.0625),
-        num_train_examples=4, config=SelfKDConfig(methods=("pskd",)))
+    model = tiny_model(3, 4, image_size=8, config=SelfKDConfig(methods=("pskd",)))
     images = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(model(images)["logits"][-1])
     model.save(tmp_path / "model.keras")

@@ -11,15 +11,24 @@ import keras
 import numpy as np
 import pytest
 
-from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
-from cluster_support import kill_at_checkpoint
-from run_dir_support import snapshot
 from selfkd_tf.experiment import checkpointing
 from selfkd_tf.experiment import resume
 from selfkd_tf.experiment import training as experiment
 from selfkd_tf.experiment.builders import build_datasets, build_model, compile_model
 from selfkd_tf.experiment.settings import TrainSettings
 from selfkd_tf.errors import SettingsError
+from support import (
+    CONFIGS,
+    REPO,
+    command,
+    environment,
+    kill_at_checkpoint,
+    last_line,
+    run_cli,
+    snapshot,
+    write_image,
+    write_learnable_npz,
+)
 
 STEPS_PER_EPOCH = 4  # 64 training examples in batches of 16
 
@@ -40,7 +49,7 @@ def _history(run_dir):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    dataset = write_npz(tmp_path / "data.npz")
+    dataset = write_learnable_npz(tmp_path / "data.npz")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     # Both start together: under --deterministic neither affects the other.
     with open(tmp_path / "reference.log", "w") as reference_log:
@@ -87,7 +96,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    dataset = write_npz(tmp_path / "data.npz")
+    dataset = write_learnable_npz(tmp_path / "data.npz")
     run_dir = tmp_path / "run"
     result = run_cli(*_train_args(dataset, run_dir, "--lr=1e30"))
     assert result.returncode == 1
@@ -128,8 +137,6 @@ def test_history_keeps_only_the_epochs_before_the_resumed_one(tmp_path):
 
 def _folder_dataset(root, counts):
     """``folder:`` data: ``counts[c]`` 8x8 training PNGs for class ``c``."""
-    from data_builders import write_image
-
     rng = np.random.default_rng(len(counts))
     for split, per_class in (("train", counts), ("test", {c: 1 for c in counts})):
         for name, count in per_class.items():
@@ -201,7 +208,7 @@ def test_more_examples_than_the_split_holds_is_the_same_run_only_if_it_used_them
     """``flags.json`` records the number of examples used (the whole split when
     more were asked for), so asking again for more resumes only a run that
     used the whole split."""
-    dataset = write_npz(tmp_path / "data.npz", n_train=16, n_test=8, size=8)
+    dataset = write_learnable_npz(tmp_path / "data.npz", n_train=16, n_test=8, size=8)
     settings = TrainSettings(
         dataset=dataset, arch="resnet18", width_multiplier=0.0625, num_stages=2,
         epochs=1, batch_size=8, methods=("pskd",), train_examples=12,

@@ -5,17 +5,14 @@ here the model's own paths are: a ``(x, y, w)`` dataset, arrays with
 ``sample_weight=``, and ``class_weight=``, in training and in evaluation.
 """
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.distillation import losses
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.optimizers import make_optimizer
-from selfkd_tf.distillation.model import SelfKDModel
-from synthetic import learnable_arrays
+from support import learnable_arrays, tiny_model
 
 NUM_CLASSES = 4
 SIZE = 8
@@ -25,13 +22,8 @@ CLASS_WEIGHT = {0: 0.0, 1: 0.0, 2: 1.0}  # class 3 left out: weight 1
 
 
 def _model(n=N, lr=0.05, weight_decay=5e-4, **config):
-    keras.utils.set_random_seed(0)
-    backbone = build_multi_exit_resnet(
-        "resnet18", NUM_CLASSES, input_shape=(SIZE, SIZE, 3), num_stages=2,
-        width_multiplier=0.0625,
-    )
-    model = SelfKDModel(backbone, num_train_examples=n, weight_decay=weight_decay,
-                        config=SelfKDConfig(**config))
+    model = tiny_model(NUM_CLASSES, n, image_size=SIZE, seed=0, weight_decay=weight_decay,
+                       config=SelfKDConfig(**config))
     model.compile(optimizer=make_optimizer(lr, schedule="constant"))
     return model
 

@@ -10,16 +10,18 @@ import tarfile
 import numpy as np
 import pytest
 
-from cli_support import CONFIGS, last_line, run_cli
-from data_builders import (
-    RunsCommand,
-    CIFAR10_MEAN,
+from selfkd_tf.data import load_arrays, make_datasets
+from support import (
     CIFAR100_MEAN,
+    CIFAR10_MEAN,
+    CONFIGS,
+    RunsCommand,
     assert_one_line_data_error,
+    last_line,
+    run_cli,
     write_cifar_release,
     writes_file,
 )
-from selfkd_tf.data import load_arrays, make_datasets
 
 
 def archive_release(release, path, extra=()):

@@ -3,8 +3,8 @@
 import numpy as np
 from sklearn.datasets import load_digits
 
-from data_builders import read_pass
 from selfkd_tf.data import load_arrays, make_datasets
+from support import read_pass
 
 
 def test_digits_split_is_fixed_stratified_and_complete():

@@ -3,7 +3,6 @@
 import logging
 import os
 import re
-import shutil
 import tarfile
 
 import numpy as np
@@ -11,17 +10,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_builders import (
+from selfkd_tf.data import load_arrays, make_datasets
+from support import (
     assert_one_line_data_error,
+    shared_file,
     solid,
     write_image,
     write_image_folder,
     writes_file,
 )
-from selfkd_tf.data import load_arrays, make_datasets
 
-REAL_CIFAR_ARCHIVE = "/work/shared/data/cifar10-jpeg.tar.gz"
-REAL_CIFAR_FOLDER = "/tmp/cifar/cifar10-jpeg"
+REAL_CIFAR_ARCHIVE = "cifar10-jpeg.tar.gz"
+"""The real CIFAR-10 as JPEG files, in the shared data (`support.SHARED_DATA`)."""
 
 
 def test_folder_of_images(tmp_path):
@@ -125,44 +125,35 @@ def test_hidden_system_and_other_files_are_skipped_and_counted(
     )
 
 
-def copy_real_cifar_subset(destination, classes, train_count=3, test_count=2):
-    """Copies a few real CIFAR-10 JPEGs to `destination`; False if absent."""
+def unpack_real_cifar_subset(archive, destination, classes, train_count=3, test_count=2):
+    """Unpacks a few real CIFAR-10 JPEGs of `archive` into `destination`."""
     wanted = {
         f"{split}/{name}/{i:04d}.jpg"
         for name in classes
         for split, count in (("train", train_count), ("test", test_count))
         for i in range(count)
     }
-    if os.path.exists(REAL_CIFAR_ARCHIVE):
-        with tarfile.open(REAL_CIFAR_ARCHIVE) as archive:
-            for member in archive:
-                relative = member.name.partition("/")[2]
-                if relative in wanted:
-                    (destination / relative).parent.mkdir(
-                        parents=True, exist_ok=True
-                    )
-                    (destination / relative).write_bytes(
-                        archive.extractfile(member).read()
-                    )
-                    wanted.discard(relative)
-                    if not wanted:
-                        return True
-        raise AssertionError(f"{REAL_CIFAR_ARCHIVE} lacks {sorted(wanted)}")
-    if os.path.isdir(REAL_CIFAR_FOLDER):
-        for relative in wanted:
-            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(
-                os.path.join(REAL_CIFAR_FOLDER, relative),
-                destination / relative,
-            )
-        return True
-    return False
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            relative = member.name.partition("/")[2]
+            if relative in wanted:
+                (destination / relative).parent.mkdir(
+                    parents=True, exist_ok=True
+                )
+                (destination / relative).write_bytes(
+                    tar.extractfile(member).read()
+                )
+                wanted.discard(relative)
+                if not wanted:
+                    return
+    raise AssertionError(f"{archive} lacks {sorted(wanted)}")
 
 
-def test_real_cifar10_jpegs(tmp_path):
+def test_real_cifar10_jpegs(tmp_path_factory):
+    archive = shared_file(REAL_CIFAR_ARCHIVE)  # skips the test when absent
     classes = ("airplane", "automobile", "bird")
-    if not copy_real_cifar_subset(tmp_path, classes):
-        pytest.skip("real CIFAR-10 JPEGs are not available")
+    tmp_path = tmp_path_factory.mktemp("real_cifar10")
+    unpack_real_cifar_subset(archive, tmp_path, classes)
     arrays = load_arrays(f"folder:{tmp_path}")
     assert arrays.class_names == classes
     assert arrays.x_train.shape == (9, 32, 32, 3)

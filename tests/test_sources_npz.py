@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from data_builders import RunsCommand, assert_one_line_data_error, write_npz
 from selfkd_tf.data import load_arrays, make_datasets
+from support import RunsCommand, assert_one_line_data_error, write_npz_arrays
 
 
 def test_npz_grayscale_floats_and_column_labels(tmp_path):
     x = np.linspace(0, 1, 5 * 5 * 6).reshape(5, 5, 6)
-    dataset = write_npz(
+    dataset = write_npz_arrays(
         tmp_path,
         x_train=x,
         y_train=np.array([[0], [1], [4], [1], [3]]),
@@ -32,7 +32,7 @@ def test_npz_grayscale_floats_and_column_labels(tmp_path):
 def test_class_names_default_to_label_numbers(tmp_path):
     x = np.zeros((4, 2, 2), np.uint8)
     arrays = load_arrays(
-        write_npz(tmp_path, x_train=x, y_train=[0, 2, 1, 2], x_test=x, y_test=[0] * 4)
+        write_npz_arrays(tmp_path, x_train=x, y_train=[0, 2, 1, 2], x_test=x, y_test=[0] * 4)
     )
     assert arrays.class_names == ("0", "1", "2")
 
@@ -59,7 +59,7 @@ Y = np.array([0, 1, 0, 1])
 
 def _npz_case(arrays, pattern):
     def build(tmp_path):
-        return write_npz(tmp_path, **arrays), {}, pattern
+        return write_npz_arrays(tmp_path, **arrays), {}, pattern
 
     return build
 

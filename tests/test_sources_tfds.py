@@ -14,10 +14,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from cli_support import CONFIGS, command, environment, last_line
-from data_builders import CIFAR10_MEAN, read_pass
 from selfkd_tf.data import DataError, load_arrays, make_datasets
 from selfkd_tf.data.sources import tfds as tfds_source
+from support import CIFAR10_MEAN, CONFIGS, command, environment, last_line, read_pass
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -10,11 +10,7 @@ import time
 
 import pytest
 
-from cli_support import CONFIGS
-from cli_support import REPO
-from cli_support import environment
-from cli_support import last_line
-from cli_support import write_npz
+from support import CONFIGS, REPO, environment, last_line, write_learnable_npz
 
 
 def run_study(*args):
@@ -98,7 +94,7 @@ def test_bad_flags_are_one_line_with_exit_2_and_nothing_written(tmp_path):
 
 
 def test_two_parallel_runs_then_report_and_skip_on_rerun(tmp_path):
-    dataset = write_npz(tmp_path / "tiny.npz", n_train=128, n_test=96)
+    dataset = write_learnable_npz(tmp_path / "tiny.npz", n_train=128, n_test=96)
     out = tmp_path / "study"
     args = [f"--run_flagfile={CONFIGS / 'smoke.flags'}", f"--dataset={dataset}",
             f"--out={out}", "--only=baseline,pskd_byot_dmfl", "--spread_seeds=",
@@ -173,7 +169,7 @@ def _trainers_of(run_dir) -> list[int]:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="lists processes in /proc")
 def test_sigterm_stops_the_runs_with_one_line_and_leaves_them_resumable(tmp_path):
-    dataset = write_npz(tmp_path / "tiny.npz", n_train=128)
+    dataset = write_learnable_npz(tmp_path / "tiny.npz", n_train=128)
     recipe = tmp_path / "recipe.flags"
     recipe.write_text(f"--flagfile={CONFIGS / 'smoke.flags'}\n--epochs=3\n"
                       "--batch_size=8\n--save_every_steps=1\n")

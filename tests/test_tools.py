@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_support import CONFIGS, REPO, environment, run_cli, write_npz
-from run_dir_support import snapshot
+from support import CONFIGS, REPO, environment, run_cli, snapshot, write_learnable_npz
 
 TOOLS = REPO / "tools"
 # A resnet18 too small to cost more than tracing: 8x8 images, 4 classes,
@@ -172,7 +171,7 @@ def test_pipeline_throughput_refuses_an_image_that_does_not_decode(tmp_path):
 def trained_run(tmp_path_factory):
     """A 2-exit run trained for one epoch on 64 images; 32 test images."""
     folder = tmp_path_factory.mktemp("early_exit_run")
-    dataset = write_npz(folder / "data.npz", n_train=64, n_test=32)
+    dataset = write_learnable_npz(folder / "data.npz", n_train=64, n_test=32)
     result = run_cli("selfkd_tf.cli.train", f"--flagfile={CONFIGS / 'smoke.flags'}",
                      f"--dataset={dataset}", f"--model_dir={folder / 'run'}", "--epochs=1",
                      "--train_examples=64", "--eval_examples=32")

@@ -36,14 +36,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cluster_support import run_once
 from selfkd_tf.distribution.strategy import make_strategy
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.models.primitives import Conv2D, batch_norm
 from selfkd_tf.optimizers import make_optimizer
 from selfkd_tf.distillation.model import SelfKDModel
-from synthetic import indexed_dataset, learnable_arrays
-from training_support import StepRecorder
+from support import StepRecorder, indexed_dataset, learnable_arrays, run_once, tiny_model
 
 NUM_CLASSES = 4
 IMAGE_SIZE = 8
@@ -213,11 +210,7 @@ def _reported_case_is_finite(strategy) -> bool:
     """
     images, labels = learnable_arrays(17, NUM_CLASSES)
     with strategy.scope():
-        keras.utils.set_random_seed(0)
-        backbone = build_multi_exit_resnet(
-            "resnet18", NUM_CLASSES, input_shape=(16, 16, 3), num_stages=2,
-            width_multiplier=0.0625, sync_batchnorm=False)
-        model = SelfKDModel(backbone, num_train_examples=17)
+        model = tiny_model(NUM_CLASSES, 17, image_size=16, sync_batchnorm=False, seed=0)
         model.compile(optimizer=make_optimizer(LEARNING_RATE, schedule="constant"))
     history = model.fit(indexed_dataset(images, labels, 16), epochs=2, verbose=0)
     return (all(np.all(np.isfinite(v.numpy())) for v in model.weights)

@@ -39,7 +39,7 @@ from selfkd_tf.evaluation.scoring import predict_exit_probabilities  # noqa: E40
 from selfkd_tf.experiment.trained import evaluation_data, load_trained_model  # noqa: E402
 from selfkd_tf.models import costs  # noqa: E402
 from selfkd_tf.serving import early_exit  # noqa: E402
-from selfkd_tf.serving import saved_model as export  # noqa: E402
+from selfkd_tf.serving import saved_model  # noqa: E402
 from selfkd_tf.errors import SettingsError  # noqa: E402
 
 PROGRAM = "early_exit_study.py"
@@ -87,7 +87,7 @@ def output_paths(out: str, model: str) -> dict[str, str]:
     kind = "run directory" if os.path.isdir(model) else "file"
     try:
         for path in paths.values():
-            export.check_export_path(path, overwrite=True, keep={f"the model's {kind}": model})
+            saved_model.check_export_path(path, overwrite=True, keep={f"the model's {kind}": model})
     except ValueError as err:
         raise SettingsError("out", str(err).partition(": ")[2]) from err
     paths["json"] = os.path.join(out, RESULT_FILE)
@@ -122,9 +122,9 @@ def main(argv: list[str]) -> int:
     std, mean = np.float32(model.input_std), np.float32(model.input_mean)
     pixels = np.round((images[report] * std + mean) * 255)[: FLAGS.latency_examples]
     with tool_io.writing(FLAGS.out):  # e.g. a full disk; an export leaves nothing
-        export.export_saved_model(model, paths["deepest"], overwrite=True,
+        saved_model.export_saved_model(model, paths["deepest"], overwrite=True,
                                   class_names=info.class_names)
-        export.export_saved_model(model, paths["cascade"], exit="cascade", overwrite=True,
+        saved_model.export_saved_model(model, paths["cascade"], exit="cascade", overwrite=True,
                                   threshold=chosen["threshold"], class_names=info.class_names)
     served = {name: tf.saved_model.load(paths[name]) for name in EXPORTS}
     latency = early_exit.time_per_image(

@@ -45,7 +45,7 @@ from absl import flags
 
 from selfkd_tf.report import provenance
 
-from selfkd_tf.report import tables as report
+from selfkd_tf.report import tables
 from selfkd_tf.report import runs as runs_lib
 from selfkd_tf.rundir.reading import RunDirectoryError
 from selfkd_tf.cli import program
@@ -100,7 +100,7 @@ def _warnings_on_one_line() -> None:
     """The report's warnings as ``selfkd-report: ...``, not absl's log format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(message)s"))
-    logger = logging.getLogger(report.__name__)
+    logger = logging.getLogger(tables.__name__)
     logger.addHandler(handler)
     logger.propagate = False
 
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         program.fail(PROGRAM, f"no run to report: all {len(found.skipped)} "
                      "run directories were skipped (see above)")
     try:
-        written = report.write_report(found.runs, FLAGS.out, found.skipped,
+        written = tables.write_report(found.runs, FLAGS.out, found.skipped,
                                       FLAGS.train_metrics_file)
     except RepeatedRunError as err:
         program.fail(PROGRAM, f"--runs: {err}")

@@ -33,7 +33,7 @@ from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlo
 from absl import flags  # noqa: E402
 
 from selfkd_tf.distribution import cluster  # noqa: E402
-from selfkd_tf.experiment import training as experiment  # noqa: E402
+from selfkd_tf.experiment import training  # noqa: E402
 from selfkd_tf.cli import flags as train_flags  # noqa: E402
 from selfkd_tf.cli import program  # noqa: E402
 from selfkd_tf.evaluation.scoring import format_metrics_table  # noqa: E402
@@ -69,13 +69,13 @@ def main(argv: list[str]) -> int:
     del argv  # program.run rejects positional arguments
     settings = train_flags.settings_from_flags()
     try:
-        record = experiment.train(settings)
-    except experiment.TrainingDivergedError as err:
+        record = training.train(settings)
+    except training.TrainingDivergedError as err:
         program.fail(PROGRAM, err, status=1)
     except KeyboardInterrupt as err:
         print(flush=True)  # ends the progress bar's line
         # Checkpoints and run files are written whole, so a rerun resumes.
-        program.fail(PROGRAM, err if isinstance(err, experiment.TrainingInterrupted)
+        program.fail(PROGRAM, err if isinstance(err, training.TrainingInterrupted)
                     else "interrupted; rerun the same command to resume",
                     status=program.interrupt_status())
     except cluster.WORKER_FAILURES as err:

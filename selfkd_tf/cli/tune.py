@@ -52,7 +52,7 @@ from absl import flags
 from selfkd_tf import files
 from selfkd_tf.rundir import lock as run_lock
 from selfkd_tf.tuning import search_space
-from selfkd_tf.tuning import search as tuning
+from selfkd_tf.tuning import search
 from selfkd_tf.cli import flags as train_flags
 from selfkd_tf.cli import program
 from selfkd_tf.experiment.settings import TrainSettings, as_settings_error
@@ -184,7 +184,7 @@ def flagfile_text(settings: TrainSettings, comment: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _trials_table(result: tuning.SearchResult, count: int) -> str:
+def _trials_table(result: search.SearchResult, count: int) -> str:
     names = list(result.trials[0].hyperparameters)
     header = ["rank", "trial", result.objective, "epoch", *names, "directory"]
     rows = [
@@ -215,15 +215,15 @@ def main(argv: list[str]) -> int:
         with as_settings_error():
             held.enter_context(run_lock.locked(
                 tune_settings.resolved_dir(settings), activity="tuned"))
-        result = tuning.tune(settings, tune_settings)
+        result = search.tune(settings, tune_settings)
         return _report(result)
 
 
-def _report(result: tuning.SearchResult) -> int:
+def _report(result: search.SearchResult) -> int:
     """Prints the best trials and writes ``best.flags``; the exit status."""
     if not result.trials:
         program.fail(PROGRAM, f"no trial completed; see {result.tuner_dir}/"
-                     f"{tuning.PROJECT_NAME}/trial_*/trial.json", status=1)
+                     f"{search.PROJECT_NAME}/trial_*/trial.json", status=1)
 
     best = result.trials[0]
     direction = "higher" if result.direction == "max" else "lower"
@@ -238,7 +238,7 @@ def _report(result: tuning.SearchResult) -> int:
         f"  selfkd-train --flagfile={flagfile}"
     )
     files.write_atomically(flagfile, flagfile_text(result.retrain, comment))
-    print(f"\nWrote {os.path.join(result.tuner_dir, tuning.BEST_HYPERPARAMETERS_FILE)}"
+    print(f"\nWrote {os.path.join(result.tuner_dir, search.BEST_HYPERPARAMETERS_FILE)}"
           f" and {flagfile}.\n{note}\nRetrain trial {best.number} with:\n"
           f"  selfkd-train --flagfile={flagfile}")
     return 0

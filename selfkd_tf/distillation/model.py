@@ -35,6 +35,7 @@ from selfkd_tf.distribution import replicas
 # classes registered there, so loading one must not depend on the caller
 # having imported the models package.
 from selfkd_tf import models  # noqa: F401
+from selfkd_tf.models.multi_exit import check_multi_exit
 from selfkd_tf.distribution.multiworker import MultiWorkerTrainer, in_multi_worker_mode
 
 
@@ -44,7 +45,8 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
 
     Args:
         backbone: functional model mapping images ``[B, H, W, C]`` to
-            ``{"logits": [z_1..z_N], "features": [F_1..F_N]}``.
+            ``{"logits": [z_1..z_N], "features": [F_1..F_N]}``, the
+            multi-exit contract (`selfkd_tf.models.multi_exit`).
         num_train_examples: size of the training split; the PS-KD table has
             one row per training sample index. Required with ``"pskd"``.
         config: a `selfkd_tf.distillation.SelfKDConfig` (or its dict form).
@@ -115,8 +117,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             config = SelfKDConfig.from_config(config)
         self.selfkd_config = config or SelfKDConfig()
         self.backbone = backbone
-        self.num_exits = len(backbone.output["logits"])
-        self.num_classes = int(backbone.output["logits"][-1].shape[-1])
+        self.num_exits, self.num_classes, _ = check_multi_exit(backbone)
         self.selfkd_config.shallow_byot_exits(self.num_exits)  # validates
         if weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0; got {weight_decay}.")

@@ -33,6 +33,12 @@ def predict_exit_probabilities(
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Every exit's class probabilities on ``dataset``, and its labels.
 
+    Args:
+        model: a model whose call returns the multi-exit outputs
+            (``{"logits": [...], ...}``): a `SelfKDModel` or its backbone.
+        dataset: batches ``(x, labels)``, ``x`` the images or
+            ``{"image": images, ...}``.
+
     Returns:
         ``([P_1, ..., P_N], labels)``, ``P_i`` float32 ``[n, C]``.
     """
@@ -63,7 +69,13 @@ def evaluate_model(
 ) -> dict:
     """The ``metrics.json`` record of ``model`` on ``dataset``.
 
-    ``params`` counts the trainable weights of the whole multi-exit network.
+    Args:
+        model: a `selfkd_tf.distillation.model.SelfKDModel` (its ``backbone``
+            is the multi-exit network whose trainable weights ``params``
+            counts).
+        dataset: batches ``(x, labels)``, as `predict_exit_probabilities`.
+        dataset_name, split, arch, methods, train_time_s, epochs: what the
+            record says of the data, the model and its training.
     """
     exit_probs, labels = predict_exit_probabilities(model, dataset)
     return metrics_record.build_metrics_record(

@@ -383,7 +383,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     restored after Keras resets them.
 
     Put it after the callbacks that change the state at epoch end
-    (`selfkd_tf.experiment.callbacks.SoftTargetRefresh`, which `SelfKDModel.fit` puts
+    (`selfkd_tf.distillation.pskd.SoftTargetRefresh`, which `SelfKDModel.fit` puts
     first) so the saved epoch end is complete.
 
     Args:

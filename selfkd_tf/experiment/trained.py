@@ -38,7 +38,7 @@ from selfkd_tf.experiment.settings import (
     TrainSettings, as_settings_error, check_choice, read_settings)
 from selfkd_tf.models.costs import exit_costs
 from selfkd_tf.rundir import lock as run_lock
-from selfkd_tf.rundir.layout import FLAGS_FILE, MODEL_FILE
+from selfkd_tf.rundir.layout import MODEL_FILE, run_directory_of
 from selfkd_tf.serving.early_exit import (
     DEFAULT_THRESHOLDS, check_thresholds, early_exit_curve, measure_latency)
 
@@ -58,17 +58,6 @@ class TrainedModel:
     path: str
     settings: TrainSettings | None
     run_dir: str | None
-
-
-def run_directory_of(path: str) -> str | None:
-    """The run directory of a model path: the directory itself, or the
-    directory of a ``.keras`` file with a ``flags.json`` beside it; else None."""
-    if os.path.isdir(path):
-        return path
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(path) and os.path.isfile(os.path.join(directory, FLAGS_FILE)):
-        return directory
-    return None
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ only in their seed. `group_seeds` finds those repeats among loaded runs
 
 * Two runs are repeats of one recipe when their `flags.json` are equal once
   ``seed`` and the fields that do not change what a run computes
-  (`selfkd_tf.rundir.reading.RESUME_SAFE_FIELDS`: ``model_dir``,
+  (`selfkd_tf.rundir.layout.RESUME_SAFE_FIELDS`: ``model_dir``,
   ``data_dir``, ...) are left out. Any other difference (``lr``, an explicit
   ``subset_seed``, ``epochs``, ...) makes another recipe; a field present
   in one `flags.json` and absent from the other (an older run) counts as a

@@ -24,7 +24,7 @@ Runs are grouped into one table per data set and split; under a table whose
 runs scored different numbers of examples, trained at different image sizes
 or have different numbers of exits, a note says they are not comparable
 (`incomparable`). Runs that could not be reported are listed with the reason.
-A run counted twice (`seed_summary.check_repeats`) and records that are not
+A run counted twice (`seeds.check_repeats`) and records that are not
 their run's own (`selfkd_tf.report.provenance`) are refused.
 
 Example:
@@ -43,7 +43,7 @@ import shutil
 import tempfile
 from typing import Callable, Sequence, TypeVar
 
-from selfkd_tf.report import seeds as seed_summary
+from selfkd_tf.report import seeds
 from selfkd_tf.report.figures import plot_curves, plot_figure2, plot_reliability
 from selfkd_tf.rundir.layout import RESUME_SAFE_FIELDS
 from selfkd_tf.report.runs import Run, SkippedRun
@@ -58,7 +58,7 @@ TABLE1_SCORES = (
     ("aurc", "AURC (x1000)", ".2f"),
 )
 """`(metrics.json key, column header, format)` of the Table 1 scores,
-those `selfkd_tf.report.runs.SCORES` requires."""
+among the `selfkd_tf.metrics.scores.METRIC_KEYS` every record holds."""
 
 _MISSING = "n/a"
 _Item = TypeVar("_Item")
@@ -209,9 +209,9 @@ def table2_markdown(runs: Sequence[Run], skipped: Sequence[SkippedRun] = ()) -> 
         rows = []
         for run in group:
             accuracies = [
-                f"{seed_summary.accuracy(e):.2f}" for e in run.metrics["exits"]
+                f"{seeds.accuracy(e):.2f}" for e in run.metrics["exits"]
             ]
-            ensemble = seed_summary.accuracy(run.metrics["ensemble"])
+            ensemble = seeds.accuracy(run.metrics["ensemble"])
             rows.append([run.name, run.model, run.method,
                          *_classifier_cells(accuracies, f"{ensemble:.2f}", width)])
         sections += [f"## {title}", "", _markdown_table(header, rows, 3), "",
@@ -260,7 +260,7 @@ def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] 
 
     Rows give the recipe's label, model, method, number of runs ``n`` and
     their seeds (``?`` without flags.json); cells are ``mean ± std`` over the
-    runs (`seed_summary.Spread.format`; the value alone for ``n = 1``).
+    runs (`seeds.Spread.format`; the value alone for ``n = 1``).
     Table 1 has the scores of `table1_markdown` and, with
     ``train_metrics_file`` (the groups' `SeedGroup.train_metrics` were read
     from it), ``Train acc (%)`` and ``Gap (points)``; a third table then
@@ -279,8 +279,8 @@ def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] 
         rows1, rows2, per_run = [], [], []
         for group in section:
             first = group.runs[0]
-            seeds = ", ".join("?" if s is None else str(s) for s in group.seeds)
-            cells = [first.model, first.method, str(group.n), seeds]
+            seed_list = ", ".join("?" if s is None else str(s) for s in group.seeds)
+            cells = [first.model, first.method, str(group.n), seed_list]
             scores = [_spread_cell(group.score(key), fmt, group.n)
                       for key, _, fmt in TABLE1_SCORES]
             if train_metrics_file:
@@ -294,7 +294,7 @@ def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] 
             for run, train, gap in zip(group.runs, group.train_accuracies(), group.gaps()):
                 per_run.append([
                     run.name, group.label, str(run.flags.get("seed", "?")),
-                    f"{seed_summary.accuracy(run.deepest):.2f}",
+                    f"{seeds.accuracy(run.deepest):.2f}",
                     *(_MISSING if v is None else f"{v:.2f}" for v in (train, gap))])
         sections += [
             f"## Table 1 over seeds: deepest classifier, {title}", "",
@@ -328,7 +328,7 @@ def write_report(runs: Sequence[Run], out_dir: str,
     the reason each was left out. `summary.md` (`summary_markdown`) is
     written when some recipe has two or more runs or ``train_metrics_file``
     is given: the name of each run's training-split record, e.g.
-    ``metrics_train.json`` (see `seed_summary.read_train_metrics`).
+    ``metrics_train.json`` (see `seeds.read_train_metrics`).
 
     Everything is rendered into a temporary directory first and moved into
     `out_dir` (created if needed) only once complete, so a failure leaves
@@ -341,18 +341,18 @@ def write_report(runs: Sequence[Run], out_dir: str,
 
     Raises:
         RepeatedRunError: a run would be counted twice
-            (`seed_summary.check_repeats`); nothing is written.
+            (`seeds.check_repeats`); nothing is written.
         RunDirectoryError: No run, or a training-split record cannot be used
-            (see `seed_summary.read_train_metrics`); nothing is written.
+            (see `seeds.read_train_metrics`); nothing is written.
         ValueError: ``train_metrics_file`` is not a plain file name.
     """
     if not runs:
         raise RunDirectoryError("no run to report")
     # Before the training records: a run reported twice is named as such,
     # not as a training record that another run holds too.
-    seed_summary.check_repeats(runs)
-    train_metrics = seed_summary.read_train_metrics(runs, train_metrics_file)
-    groups = seed_summary.group_seeds(runs, train_metrics)
+    seeds.check_repeats(runs)
+    train_metrics = seeds.read_train_metrics(runs, train_metrics_file)
+    groups = seeds.group_seeds(runs, train_metrics)
     staging = tempfile.mkdtemp(prefix="selfkd-report-")
     try:
         _write_text(os.path.join(staging, "table1.md"), table1_markdown(runs, skipped))

@@ -101,7 +101,7 @@ class SelfKDHyperModel(keras_tuner.HyperModel):
     `build` returns a compiled model whose learning-rate schedule spans
     ``settings.epochs``; `fit` builds the trial's datasets itself, so the
     tuner's ``search`` takes no data, and wires a fresh
-    `selfkd_tf.experiment.callbacks.SoftTargetRefresh` whose ``a_t`` schedule spans
+    `selfkd_tf.distillation.pskd.SoftTargetRefresh` whose ``a_t`` schedule spans
     ``settings.epochs`` too. Each trial's model, and with it the PS-KD
     table, is built afresh, so no state carries over from one trial to the
     next (Hyperband's continued trials deliberately start from their

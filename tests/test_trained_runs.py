@@ -1,16 +1,17 @@
-"""selfkd-eval and the model loading it shares with selfkd-export."""
+"""Trained runs (`selfkd_tf.experiment.trained`): selfkd-eval, and the model
+loading it shares with selfkd-export."""
 
 import json
 import shutil
 
 import pytest
 
-from cli_support import run_cli, write_npz
 from selfkd_tf.experiment import training as experiment
 from selfkd_tf.metrics.scores import METRIC_KEYS
 from selfkd_tf.experiment.trained import evaluate_trained, load_trained_model
 from selfkd_tf.experiment.settings import TrainSettings
 from selfkd_tf.errors import SettingsError
+from support import run_cli, write_learnable_npz
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def run_dir(tmp_path_factory):
     evaluated while training on 16 of the 32 test images."""
     root = tmp_path_factory.mktemp("evaluate")
     settings = TrainSettings(
-        dataset=write_npz(root / "data.npz", n_train=96, n_test=32),
+        dataset=write_learnable_npz(root / "data.npz", n_train=96, n_test=32),
         train_examples=64, eval_examples=16, arch="resnet18", width_multiplier=0.0625, num_stages=2,
         epochs=1, batch_size=32, lr=0.05, lr_schedule="constant",
         model_dir=str(root / "run"))

@@ -8,7 +8,7 @@ from selfkd_tf.report import provenance
 
 from selfkd_tf.report import runs as runs_lib
 from selfkd_tf.rundir.reading import RunDirectoryError
-from record_support import record
+from support import metrics_record
 
 
 def run_with(tmp_path, flags, metrics):
@@ -43,7 +43,7 @@ def test_only_plain_file_names_name_a_record(name, problem):
 
 
 def test_methods_match_in_any_order_and_either_form(tmp_path):
-    metrics = {**record("test", [40.0, 30.0]), "methods": ["byot", "pskd"]}
+    metrics = {**metrics_record("test", [40.0, 30.0]), "methods": ["byot", "pskd"]}
     for methods in ("pskd,byot", ["PSKD", "byot"], " byot , pskd"):
         flags = {"arch": "resnet18", "methods": methods, "epochs": 2}
         run = run_with(tmp_path, flags, metrics)
@@ -51,10 +51,10 @@ def test_methods_match_in_any_order_and_either_form(tmp_path):
 
 
 def test_fields_either_side_lacks_are_not_compared(tmp_path):
-    older = {k: v for k, v in record("test", [40.0, 30.0]).items()
+    older = {k: v for k, v in metrics_record("test", [40.0, 30.0]).items()
              if k not in ("epochs", "params")}
     run = run_with(tmp_path, None, older)   # no flags.json, an older record
-    provenance.check_record(run, {**record("train", [5.0, 1.0]), "epochs": 9},
+    provenance.check_record(run, {**metrics_record("train", [5.0, 1.0]), "epochs": 9},
                             "m.json", reference=run.metrics)
     run = run_with(tmp_path, {"arch": "resnet18", "methods": []}, older)
     with pytest.raises(RunDirectoryError,
@@ -64,7 +64,7 @@ def test_fields_either_side_lacks_are_not_compared(tmp_path):
 
 
 def test_first_copy_finds_records_with_the_very_same_scores():
-    a, b = record("test", [40.0, 30.0]), record("test", [40.0, 30.5])
+    a, b = metrics_record("test", [40.0, 30.0]), metrics_record("test", [40.0, 30.5])
     assert provenance.first_copy([a, None, b]) is None
     assert provenance.first_copy([a, None, b, json.loads(json.dumps(a))]) == (0, 3)
     # The same scores on another split or number of examples are no copy.

@@ -11,13 +11,22 @@ import time
 
 import pytest
 
-from cli_support import CONFIGS, REPO, command, environment, last_line, run_cli, write_npz
-from cluster_support import CHILD_TIMEOUT_S, latest_checkpoint_number
-from run_dir_support import snapshot
 from selfkd_tf.rundir import lock as run_lock
 from selfkd_tf.experiment.trained import reading_run
 from selfkd_tf.rundir.lock import LOCK_FILE, LockError, RunDirectoryBusy, locked
 from selfkd_tf.errors import SettingsError
+from support import (
+    CHILD_TIMEOUT_S,
+    CONFIGS,
+    REPO,
+    command,
+    environment,
+    last_line,
+    latest_checkpoint_number,
+    run_cli,
+    snapshot,
+    write_learnable_npz,
+)
 
 
 def _pause_mid_training(trainer: subprocess.Popen, checkpoint_dir) -> int:
@@ -35,7 +44,7 @@ def _pause_mid_training(trainer: subprocess.Popen, checkpoint_dir) -> int:
 
 
 def test_a_second_trainer_is_refused_and_a_rerun_resumes_after_kill_9(tmp_path):
-    dataset = write_npz(tmp_path / "data.npz", size=8)
+    dataset = write_learnable_npz(tmp_path / "data.npz", size=8)
     run_dir = tmp_path / "run"
     args = ["selfkd_tf.cli.train", f"--flagfile={CONFIGS / 'smoke.flags'}",
             f"--dataset={dataset}", f"--model_dir={run_dir}", "--image_size=8",

@@ -16,13 +16,13 @@ import sys
 import numpy as np
 import pytest
 
-from record_support import record
 from selfkd_tf.report import tables as report
 
 from selfkd_tf.report import runs as runs_lib
 from selfkd_tf.rundir.reading import RunDirectoryError
 
 from selfkd_tf.report import seeds as seed_summary
+from support import metrics_record
 
 RECIPE = {
     "dataset": "cifar10", "data_dir": None, "arch": "resnet18", "num_stages": 2,
@@ -44,7 +44,7 @@ def make_run(path, flags=None, test=None, train=None, **changes):
         flags = {**RECIPE, "model_dir": str(path), **changes}
         (path / "flags.json").write_text(json.dumps(flags))
     if test is None:
-        test = record("test", [40.0, 30.0], nll=1.0 + next(_RUN_NUMBER) / 1000)
+        test = metrics_record("test", [40.0, 30.0], nll=1.0 + next(_RUN_NUMBER) / 1000)
     (path / "metrics_test.json").write_text(json.dumps(test))
     if train is not None:
         (path / "metrics_train.json").write_text(json.dumps(train))
@@ -105,9 +105,9 @@ def study(tmp_path):
     root = tmp_path / "study"
     for seed, deepest, shallow, ensemble, nll, train in SEEDS:
         make_run(root / f"base_seed{seed}", seed=seed,
-                 test=record("test", [shallow, deepest], nll=nll, ensemble_error=ensemble),
-                 train=record("train", [10.0, train], num_examples=500))
-    make_run(root / "lr_seed0", lr=0.05, test=record("test", [45.0, 35.0]))
+                 test=metrics_record("test", [shallow, deepest], nll=nll, ensemble_error=ensemble),
+                 train=metrics_record("train", [10.0, train], num_examples=500))
+    make_run(root / "lr_seed0", lr=0.05, test=metrics_record("test", [45.0, 35.0]))
     return root
 
 
@@ -160,7 +160,7 @@ def test_repeats_scored_on_other_numbers_of_examples_are_kept_apart(tmp_path):
         make_run(tmp_path / f"base_seed{seed}", seed=seed)
     for seed in (2, 3):
         make_run(tmp_path / f"base_seed{seed}", seed=seed,
-                 test=record("test", [40.0, 30.0 + seed], num_examples=50))
+                 test=metrics_record("test", [40.0, 30.0 + seed], num_examples=50))
     groups = seed_summary.group_seeds(load(tmp_path))
     # Both groups would be "base": each says what sets it apart.
     assert [(g.label, g.n) for g in groups] == [
@@ -369,7 +369,7 @@ def test_a_run_reported_twice_is_refused_not_counted_as_two_seeds(study, tmp_pat
 
 def test_two_runs_of_one_seed_are_refused_even_with_other_scores(study):
     # A rerun of seed 0 (another directory name, other scores): not a new seed.
-    make_run(study / "base_again", seed=0, test=record("test", [45.0, 31.0]))
+    make_run(study / "base_again", seed=0, test=metrics_record("test", [45.0, 31.0]))
     with pytest.raises(seed_summary.RepeatedRunError,
                        match=f"^{study / 'base_again'} and {study / 'base_seed0'} "
                              r"are runs of one recipe with one seed \(0\)"):
@@ -412,9 +412,9 @@ def test_a_training_record_copied_from_another_seed_is_refused(study, tmp_path):
 def test_a_baseline_training_record_in_a_full_method_run_is_refused(tmp_path):
     full = ["pskd", "byot", "dmfl"]
     make_run(tmp_path / "baseline_seed0",
-             train=record("train", [90.0, 5.0], num_examples=500))
+             train=metrics_record("train", [90.0, 5.0], num_examples=500))
     make_run(tmp_path / "full_seed0", methods=full,
-             test={**record("test", [35.0, 25.0]), "methods": full})
+             test={**metrics_record("test", [35.0, 25.0]), "methods": full})
     shutil.copy(tmp_path / "baseline_seed0" / "metrics_train.json", tmp_path / "full_seed0")
     result = report_cli(f"--runs={tmp_path}", "--metrics_file=metrics_test.json",
                         "--train_metrics_file=metrics_train.json",

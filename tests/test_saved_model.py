@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cli_support import environment, last_line, run_cli
 from selfkd_tf.models import costs as costs_lib
 from selfkd_tf.models import multi_exit
 from selfkd_tf import data
 from selfkd_tf.serving import saved_model as export
 from selfkd_tf.experiment.settings import TrainSettings
-from serving_support import NAMES, normalized, tiny_model
+from support import SERVING_CLASSES, environment, last_line, run_cli, serving_input, serving_model
 
 
 # Runs in a fresh interpreter that never imports selfkd_tf: what a serving
@@ -51,11 +50,11 @@ np.savez(out, **results)
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(seed=1)
+    return serving_model(seed=1)
 
 
 def _expected(model, images, exit):
-    logits = [z.numpy() for z in model(normalized(images), training=False)["logits"]]
+    logits = [z.numpy() for z in model(serving_input(images), training=False)["logits"]]
     if exit == "ensemble":
         probs = np.mean([keras.ops.softmax(z).numpy() for z in logits], axis=0)
         return probs, np.log(probs)
@@ -100,7 +99,8 @@ def test_threshold_goes_with_the_cascade_only(model, tmp_path, exit, threshold, 
 def test_export_serves_the_models_outputs_in_a_fresh_process(model, tmp_path):
     exits = [3, 1, "ensemble"]
     summaries = [export.export_saved_model(model, str(tmp_path / f"exit_{e}"),
-                                           exit="deepest" if e == 3 else e, class_names=NAMES)
+                                           exit="deepest" if e == 3 else e,
+                                           class_names=SERVING_CLASSES)
                  for e in exits]
     deepest, shallowest, ensemble = summaries
     assert deepest.exit == 3
@@ -130,8 +130,8 @@ def test_export_serves_the_models_outputs_in_a_fresh_process(model, tmp_path):
             np.testing.assert_array_equal(served[f"{key}/class_ids"],
                                           probs[rows].argmax(-1), err_msg=key)
             assert [n.decode() for n in served[f"{key}/class_names"]] == [
-                NAMES[c] for c in probs[rows].argmax(-1)], key
-        assert [n.decode() for n in served[f"{i}/classes"]] == list(NAMES)
+                SERVING_CLASSES[c] for c in probs[rows].argmax(-1)], key
+        assert [n.decode() for n in served[f"{i}/classes"]] == list(SERVING_CLASSES)
 
 
 def test_other_image_sizes_are_resized_as_the_training_data_were(model, tmp_path):
@@ -178,7 +178,7 @@ def test_cascade_export_command_names_the_runs_classes(model, tmp_path):
     """A run directory's export carries its dataset's class names."""
     images = np.zeros((5, 16, 16, 3), np.uint8)
     np.savez(tmp_path / "data.npz", x_train=images, y_train=np.arange(5), x_test=images,
-             y_test=np.arange(5), class_names=np.array(NAMES))
+             y_test=np.arange(5), class_names=np.array(SERVING_CLASSES))
     run = tmp_path / "run"
     run.mkdir()
     model.save(run / "model.keras")
@@ -196,7 +196,7 @@ def test_cascade_export_command_names_the_runs_classes(model, tmp_path):
     assert [int(line.split()[-1].replace(",", "")) for line in lines[4:7]] == [
         costs.cascade_exit(k) for k in (1, 2, 3)]
     served = tf.saved_model.load(str(out))
-    assert [n.decode() for n in served.classes().numpy()] == list(NAMES)
+    assert [n.decode() for n in served.classes().numpy()] == list(SERVING_CLASSES)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,10 +2,10 @@
 
 TensorFlow fixes its devices when it first uses them, so the distributed runs
 happen in child processes started from this file (``python
-test_distribute.py mirrored|worker|single ...``): one process splits its CPU
-into two logical devices for `tf.distribute.MirroredStrategy`, two processes
-form a `tf.distribute.MultiWorkerMirroredStrategy` cluster on localhost, and
-one more trains the same model alone for reference.
+test_distribution_strategies.py mirrored|worker|single ...``): one process
+splits its CPU into two logical devices for `tf.distribute.MirroredStrategy`,
+two processes form a `tf.distribute.MultiWorkerMirroredStrategy` cluster on
+localhost, and one more trains the same model alone for reference.
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cluster_support import run_once, tf_config, wait_all
 from selfkd_tf.distillation.config import SelfKDConfig
 from selfkd_tf.distribution.cluster import local_addresses
 from selfkd_tf.distribution.strategy import make_strategy, set_mixed_precision
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.distribution.multiworker import DEFECT_BATCH_REDUCE, keras_multiworker_defects
 from selfkd_tf.optimizers import make_optimizer
 from selfkd_tf.distillation.model import SelfKDModel
-from synthetic import indexed_dataset, learnable_arrays
-from training_support import StepRecorder
+from support import (
+    StepRecorder, indexed_dataset, learnable_arrays, run_once, tf_config, tiny_model, wait_all)
 
 NUM_CLASSES = 4
 # 56 = 3 full global batches of 16 and a last one of 8, split 4 + 4.
@@ -54,12 +52,8 @@ WORKER_EVAL_EXAMPLES = 21
 def _selfkd_resnet(strategy: tf.distribute.Strategy, num_examples: int = NUM_EXAMPLES,
                    image_size: int = 16) -> SelfKDModel:
     with strategy.scope():
-        keras.utils.set_random_seed(0)
-        backbone = build_multi_exit_resnet(
-            "resnet18", NUM_CLASSES, input_shape=(image_size, image_size, 3),
-            num_stages=2, width_multiplier=0.0625, sync_batchnorm=True,
-        )
-        model = SelfKDModel(backbone, num_train_examples=num_examples)
+        model = tiny_model(NUM_CLASSES, num_examples, image_size=image_size,
+                           sync_batchnorm=True, seed=0)
         model.compile(optimizer=make_optimizer(LEARNING_RATE, schedule="constant"))
     return model
 

@@ -1,6 +1,8 @@
 """Runs layers forward and backward at many batch and image sizes; a crash is the finding.
 
-Usage: ``python tests/strided_layers.py LAYERS.json REPEATS``, where the file holds
+The child program of ``tests/test_kernel_crash.py``, not a test module.
+
+Usage: ``python tests/kernel_crash_child.py LAYERS.json REPEATS``, where the file holds
 ``[{"layer": <keras.layers.serialize output>, "input_shape": [H, W, C],
 "padding": P, "where": "<arch>/<head>:<layer name>"}, ...]``, ``P`` being
 the zero padding the network puts before the layer (part of ``H`` and

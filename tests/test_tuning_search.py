@@ -7,7 +7,6 @@ import keras
 import pytest
 from absl import flags
 
-from cli_support import last_line, run_cli, write_npz
 from selfkd_tf.tuning import search_space
 from selfkd_tf.tuning import search as tuning
 from selfkd_tf.cli import flags as train_flags
@@ -15,6 +14,7 @@ from selfkd_tf.cli import tune as tune_cli
 from selfkd_tf.tuning.search_space import TuneSettings
 from selfkd_tf.experiment.settings import TrainSettings
 from selfkd_tf.errors import SettingsError
+from support import last_line, run_cli, write_learnable_npz
 
 NUM_TRAIN = 240
 # 60 of the 240 training images score the trials; 180 train, 3 batches of 60.
@@ -26,7 +26,7 @@ STEPS = TRAINED // BATCH_SIZE
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
     """``npz:`` flag value of 240 training and 64 test images, 16x16, 4 classes."""
-    return write_npz(tmp_path_factory.mktemp("data") / "tiny.npz",
+    return write_learnable_npz(tmp_path_factory.mktemp("data") / "tiny.npz",
                      n_train=NUM_TRAIN, n_test=64)
 
 

@@ -11,25 +11,16 @@ import tensorflow as tf
 
 from selfkd_tf.distillation.config import METHODS, SelfKDConfig
 from selfkd_tf.distillation.pskd import SoftTargetRefresh
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.models.primitives import PatchConv2D
 from selfkd_tf.optimizers import learning_rate_schedule, make_optimizer
-from selfkd_tf.distillation.model import SelfKDModel
-from synthetic import indexed_dataset, learnable_arrays
+from support import indexed_dataset, learnable_arrays, tiny_model
 
 NUM_CLASSES = 4
 
 
 def _model(methods=METHODS, n=64, seed=0, weight_decay=5e-4, num_stages=2, **config):
-    keras.utils.set_random_seed(seed)
-    backbone = build_multi_exit_resnet(
-        "resnet18", NUM_CLASSES, input_shape=(16, 16, 3), num_stages=num_stages,
-        width_multiplier=0.0625,
-    )
-    return SelfKDModel(
-        backbone, num_train_examples=n, weight_decay=weight_decay,
-        config=SelfKDConfig(methods=methods, **config),
-    )
+    return tiny_model(NUM_CLASSES, n, image_size=16, num_stages=num_stages, seed=seed,
+                      weight_decay=weight_decay, config=SelfKDConfig(methods=methods, **config))
 
 
 def _compile(model, lr=0.05, momentum=0.9, schedule="constant", epochs=3, steps=4):

@@ -15,16 +15,15 @@ import subprocess
 import keras
 import pytest
 
-from cli_support import REPO, command, environment, last_line, write_npz
-from run_dir_support import snapshot
 from selfkd_tf.experiment import training as experiment
 from selfkd_tf.rundir import reading as run_directory
 from selfkd_tf.distillation.config import SelfKDConfig
-from selfkd_tf.models import build_multi_exit_resnet
 from selfkd_tf.distillation.model import SelfKDModel
 from selfkd_tf.experiment.trained import load_trained_model
 from selfkd_tf.experiment.settings import TrainSettings
 from selfkd_tf.errors import SettingsError
+from support import (
+    REPO, command, environment, last_line, snapshot, tiny_backbone, write_learnable_npz)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def finished_run(tmp_path_factory):
     """A tiny finished run and its settings."""
     root = tmp_path_factory.mktemp("finished")
     settings = TrainSettings(
-        dataset=write_npz(root / "data.npz", n_train=16, n_test=8, size=8),
+        dataset=write_learnable_npz(root / "data.npz", n_train=16, n_test=8, size=8),
         arch="resnet18", width_multiplier=0.0625, num_stages=2, epochs=1,
         batch_size=8, methods=("pskd",), model_dir=str(root / "run"))
     experiment.train(settings)
@@ -231,7 +230,7 @@ MARKER_VARIABLE = "SELFKD_TEST_MARKER"
 def _model_with_code(path):
     """A SelfKDModel whose first layer is a Lambda that creates the file
     named by the environment variable `MARKER_VARIABLE`, wherever it runs."""
-    backbone = build_multi_exit_resnet("resnet18", 4, (8, 8, 3), 2, width_multiplier=0.0625)
+    backbone = tiny_backbone(4, image_size=8)
     inputs = keras.Input((8, 8, 3))
     touched = keras.layers.Lambda(lambda x: (__import__("pathlib").Path(
         __import__("os").environ["SELFKD_TEST_MARKER"]).touch(), x)[1])(inputs)
@@ -247,7 +246,7 @@ def test_a_keras_file_with_code_is_refused_unless_allowed(tmp_path, monkeypatch)
     monkeypatch.setenv(MARKER_VARIABLE, str(tmp_path / "built"))
     _model_with_code(model)  # building it runs the code here
     monkeypatch.setenv(MARKER_VARIABLE, str(marker))
-    dataset = write_npz(tmp_path / "data.npz", n_train=8, n_test=8, size=8)
+    dataset = write_learnable_npz(tmp_path / "data.npz", n_train=8, n_test=8, size=8)
     eval_args = ["selfkd_tf.cli.evaluate", f"--model={model}", f"--dataset={dataset}",
                  f"--out={tmp_path / 'eval'}"]
     runs = {
