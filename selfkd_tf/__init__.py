@@ -60,6 +60,9 @@ _EXPORTS = {
     "count_flops": "selfkd_tf.models",
     "count_parameters": "selfkd_tf.models",
     "exit_costs": "selfkd_tf.models",
+    # metrics (numpy)
+    "apply_temperature": "selfkd_tf.metrics",
+    "fit_temperature": "selfkd_tf.metrics",
     # data
     "DataError": "selfkd_tf.data",
     "DatasetInfo": "selfkd_tf.data",

@@ -73,7 +73,7 @@ def test_every_float_setting_refuses_infinity_and_nan():
 
 @pytest.mark.parametrize("change, flag, allowed", [
     (dict(arch="resnet19"), "arch", "resnet18"),
-    (dict(methods=("pskd", "kd")), "methods", "pskd, byot, dmfl"),
+    (dict(methods=("pskd", "kd")), "methods", "pskd, ls, byot, ds, dmfl"),
     (dict(num_stages=3, byot_exits=(3,)), "byot_exits", "1..2"),
     (dict(num_stages=5), "num_stages", "2, 3, 4"),
     (dict(epochs=-1), "epochs", "integers in [1, 1000000]"),

@@ -25,6 +25,8 @@ def test_plan_puts_the_main_comparison_first_and_extra_seeds_last(tmp_path):
         (tmp_path / run).mkdir()
         for split in ("test", "train"):
             (tmp_path / run / f"metrics_{split}.json").write_text(json.dumps({"split": split}))
+        (tmp_path / run / "temperatures_test.json").write_text(
+            json.dumps({"fitted_on": {"split": "test"}}))
     # A record cut short is no record: the run is still to score.
     (tmp_path / "dmfl_seed3" / "metrics_test.json").write_text('{"split": "te')
     # Trained but not yet scored on the whole splits: still to do.
@@ -60,6 +62,13 @@ def test_seed_lists_and_rows_of_a_small_data_study(tmp_path):
         [f"{row}_seed0" for row in first]
         + [f"{row}_seed0" for row in ("dmfl", "pskd_byot", "pskd_dmfl", "byot_dmfl")]
         + [f"{row}_seed{seed}" for seed in (1, 2) for row in first])
+    # The controls train only when named, like any row --only names.
+    controls = run_study("--dry_run", "--only=ls,ds", "--spread_rows=ds",
+                         "--spread_seeds=1", f"--out={tmp_path}")
+    assert controls.returncode == 0, controls.stderr
+    plan = dict(line.split(": ", 1) for line in controls.stdout.splitlines())
+    assert list(plan) == ["ds_seed0", "ls_seed0", "ds_seed1"]
+    assert "--methods=ls " in plan["ls_seed0"] + " " and "--seed=1" in plan["ds_seed1"]
 
 
 def test_bad_flags_are_one_line_with_exit_2_and_nothing_written(tmp_path):

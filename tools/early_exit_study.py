@@ -35,6 +35,7 @@ from selfkd_tf.cli import program  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from selfkd_tf.data.splits import stratified_halves  # noqa: E402
 from selfkd_tf.evaluation.scoring import predict_exit_probabilities  # noqa: E402
 from selfkd_tf.experiment.trained import evaluation_data, load_trained_model  # noqa: E402
 from selfkd_tf.models import costs  # noqa: E402
@@ -62,17 +63,6 @@ FLAGS = flags.FLAGS
 # The selection sweep runs on stored probabilities only, so it can be fine.
 SELECTION_THRESHOLDS = (*np.round(np.arange(0.0, 1.0, 0.005), 3).tolist(),
                         0.9975, 0.999, 0.9995, 0.9999, 1.01)
-
-
-def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint index sets holding half of every class each (the odd one out to the second)."""
-    rng = np.random.default_rng(seed)
-    first, second = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        first.append(members[: len(members) // 2])
-        second.append(members[len(members) // 2:])
-    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
 def output_paths(out: str, model: str) -> dict[str, str]:

@@ -9,7 +9,9 @@ recorded settings differ from the recipe's, and the study stops there).
 
 After training, each run is scored with ``selfkd-eval`` on the whole test
 split (``metrics_test.json``) and on its own training examples, unaugmented
-(``metrics_train.json``), whatever subset it evaluated on while training;
+(``metrics_train.json``), whatever subset it evaluated on while training,
+and temperature-scaled (``temperatures_test.json``: one temperature per
+exit fitted on a stratified half of the test split, scored on the other);
 a record that is missing or unreadable is scored again. At the end
 ``selfkd-report`` writes the tables and figures into --out/report.
 
@@ -22,7 +24,9 @@ Examples (the two CPU studies of docs/results.md):
         --spread_rows=baseline,pskd,byot,pskd_byot_dmfl --spread_seeds=1,2
 
 Rows: baseline, byot, dmfl, pskd, pskd_byot, pskd_dmfl, byot_dmfl,
-pskd_byot_dmfl. With --parallel=N the script trains N runs at once and
+pskd_byot_dmfl (the paper's, trained by default), and the controls ls
+(label smoothing) and ds (deep supervision), trained when --only names
+them. With --parallel=N the script trains N runs at once and
 gives each process an equal share of the CPU cores
 (``TF_NUM_INTRAOP_THREADS``): small networks use one core poorly, so on a
 CPU two single-threaded runs finish sooner than two runs one after the
@@ -71,8 +75,8 @@ _SPREAD_ROWS = flags.DEFINE_list(
 _SPREAD_SEEDS = flags.DEFINE_list(
     "spread_seeds", ["1"], "Further seeds of the --spread_rows (integers, "
     "none equal to --seed).")
-_ONLY = flags.DEFINE_list("only", [], "Run only these rows (all 8 when empty; "
-                          "the row names are listed above).")
+_ONLY = flags.DEFINE_list("only", [], "Run only these rows (the paper's 8 when "
+                          "empty; the row names are listed above).")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the runs still to train, with their commands, "
     "and stop.")
@@ -91,27 +95,43 @@ ROWS = (
     ("pskd_dmfl", "pskd,dmfl"),
     ("byot_dmfl", "byot,dmfl"),
     ("pskd_byot_dmfl", "pskd,byot,dmfl"),
+    # The controls: label smoothing and deep supervision.
+    ("ls", "ls"),
+    ("ds", "ds"),
 )
-EVALUATIONS = (("test", "metrics_test.json"), ("train", "metrics_train.json"))
+PAPER_ROWS = tuple(label for label, _ in ROWS[:8])
+"""The rows trained when --only names none: the paper's 8 combinations."""
+EVALUATIONS = (
+    ("test", "metrics_test.json", ()),
+    ("train", "metrics_train.json", ()),
+    # One temperature per exit fitted on a stratified half of the test split,
+    # scored on the other half.
+    ("test", "temperatures_test.json", ("--fit_temperature",)),
+)
 LOG_FILE = "train.log"
 
 
-def planned_runs(seed: int, spread_rows: list[str],
-                 spread_seeds: list[int]) -> list[tuple[str, str, int]]:
+def planned_runs(seed: int, spread_rows: list[str], spread_seeds: list[int],
+                 rows: list[str] | None = None) -> list[tuple[str, str, int]]:
     """``(run name, methods, seed)`` for every run of the study.
 
-    The spread rows come first, so a study cut short still holds the
-    comparison that matters most; the further seeds come last.
+    ``rows`` (default `PAPER_ROWS`) train with ``seed``, the ``spread_rows``
+    among them also with each of the ``spread_seeds``. The spread rows come
+    first, so a study cut short still holds the comparison that matters
+    most; the further seeds come last.
 
     Raises:
         ValueError: an unknown row label, or a further seed equal to ``seed``.
     """
+    rows = list(rows or PAPER_ROWS)
+    _check_rows("--only", rows)
     _check_rows("--spread_rows", spread_rows)
     if seed in spread_seeds or len(set(spread_seeds)) != len(spread_seeds):
         raise ValueError(f"--spread_seeds {spread_seeds} repeat a seed "
                          f"(--seed is {seed})")
-    first = [row for row in ROWS if row[0] in spread_rows]
-    ordered = first + [row for row in ROWS if row[0] not in spread_rows]
+    chosen = [row for row in ROWS if row[0] in rows]
+    first = [row for row in chosen if row[0] in spread_rows]
+    ordered = first + [row for row in chosen if row[0] not in spread_rows]
     runs = [(f"{label}_seed{seed}", methods, seed) for label, methods in ordered]
     for further in spread_seeds:
         runs += [(f"{label}_seed{further}", methods, further)
@@ -142,8 +162,8 @@ def _seeds(values: list[str]) -> list[int]:
 def _checked_plan() -> list[tuple[str, str, int]]:
     """The runs to do, after the flags are checked; one-line exit 2 otherwise."""
     try:
-        _check_rows("--only", _ONLY.value)
-        plan = planned_runs(_SEED.value, _SPREAD_ROWS.value, _seeds(_SPREAD_SEEDS.value))
+        plan = planned_runs(_SEED.value, _SPREAD_ROWS.value, _seeds(_SPREAD_SEEDS.value),
+                            _ONLY.value)
         program.check_flagfiles([f"--flagfile={_FLAGFILE.value}"])
         if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
             raise ValueError(f"--out: {_OUT.value} is not a directory")
@@ -152,8 +172,7 @@ def _checked_plan() -> list[tuple[str, str, int]]:
         program.fail(PROGRAM, f"--run_flagfile: {error}")
     except ValueError as error:
         program.fail(PROGRAM, error)
-    return [run for run in plan
-            if not _ONLY.value or run[0].rsplit("_seed", 1)[0] in _ONLY.value]
+    return plan
 
 
 def _run_dir(name: str) -> str:
@@ -161,16 +180,18 @@ def _run_dir(name: str) -> str:
 
 
 def _scored(name: str, split: str, file: str) -> bool:
-    """Whether the run holds a readable record of ``split``."""
+    """Whether the run holds a readable record of ``split`` (a temperature
+    record: fitted on ``split``)."""
     try:
         with open(os.path.join(_run_dir(name), file)) as f:
-            return json.load(f).get("split") == split
+            record = json.load(f)
+        return (record.get("split") or record.get("fitted_on", {}).get("split")) == split
     except (OSError, ValueError, AttributeError):
         return False
 
 
 def _done(name: str) -> bool:
-    return all(_scored(name, split, file) for split, file in EVALUATIONS)
+    return all(_scored(name, split, file) for split, file, _ in EVALUATIONS)
 
 
 def _command(script: str) -> str:
@@ -183,8 +204,8 @@ def _eval_commands(name: str) -> list[list[str]]:
     return [
         [_command("selfkd-eval"),
          f"--model={_run_dir(name)}", f"--split={split}",
-         f"--out={os.path.join(_run_dir(name), file)}"]
-        for split, file in EVALUATIONS if not _scored(name, split, file)
+         f"--out={os.path.join(_run_dir(name), file)}", *extra]
+        for split, file, extra in EVALUATIONS if not _scored(name, split, file)
     ]
 
 
@@ -353,6 +374,7 @@ def main(argv):
         [sys.executable, "-m", "selfkd_tf.cli.report", f"--runs={_OUT.value}",
          f"--metrics_file={EVALUATIONS[0][1]}",
          f"--train_metrics_file={EVALUATIONS[1][1]}",
+         f"--temperature_file={EVALUATIONS[2][1]}",
          f"--out={os.path.join(_OUT.value, 'report')}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         stdin=subprocess.DEVNULL)

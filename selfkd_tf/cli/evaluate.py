@@ -7,6 +7,8 @@ Usage:
     selfkd-eval --model=model.keras --dataset=folder:/data/cifar10-jpeg
     selfkd-eval --model=runs/a --early_exit --split=test
     selfkd-eval --model=runs/a --early_exit --max_accuracy_drop=0.5  # on validation
+    selfkd-eval --model=runs/a --fit_temperature --split=test
+    selfkd-eval --model=runs/a --temperature_file=runs/a/temperatures_test.json
 
 Scores every exit and the ensemble, prints them as a table and writes the
 record (`selfkd_tf.metrics.record` schema) to ``metrics_<split>.json`` beside the
@@ -21,6 +23,16 @@ needs ``--dataset``). A run that another process is training is refused
 ``early_exit_<split>.png`` beside the model (``--out`` names others); with
 ``--target_accuracy`` or ``--max_accuracy_drop`` it also picks the cheapest
 threshold on the validation split and prints its cost saving.
+
+``--fit_temperature`` instead fits one temperature per exit (temperature
+scaling, `selfkd_tf.metrics.calibration`) on held-out data and reports NLL
+and ECE before and after it on other held-out data: fitted on the validation
+split and reported on the test split, or with ``--split=test`` fitted on one
+stratified half of the test split and reported on the other. It writes
+``temperatures_<split>.json`` beside the model (``--out`` names another
+file), which ``--temperature_file`` (here, to score the calibrated model:
+``calibrated_metrics_<split>.json``, ``calibrated_early_exit_<split>.*``)
+and ``selfkd-export --temperature_file`` read.
 """
 
 from __future__ import annotations
@@ -37,10 +49,14 @@ from selfkd_tf.metrics import record as metrics_record  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
 from selfkd_tf.files import check_creatable  # noqa: E402
 from selfkd_tf.cli import program  # noqa: E402
-from selfkd_tf.evaluation.scoring import format_metrics_table  # noqa: E402
+from selfkd_tf.evaluation.scoring import (  # noqa: E402
+    format_metrics_table, format_temperature_table)
+from selfkd_tf.errors import SettingsError  # noqa: E402
+from selfkd_tf.experiment.settings import MAX_BATCH_SIZE, MAX_SEED  # noqa: E402
 from selfkd_tf.experiment.trained import (  # noqa: E402
-    TrainedModel, evaluate_cascade, evaluate_trained, load_trained_model, reading_run)
-from selfkd_tf.experiment.settings import MAX_BATCH_SIZE  # noqa: E402
+    TEMPERATURE_SPLITS, TrainedModel, evaluate_cascade, evaluate_trained,
+    fit_temperature_scaling, load_trained_model, reading_run)
+from selfkd_tf.rundir.reading import RunDirectoryError, read_temperatures  # noqa: E402
 
 PROGRAM = "selfkd-eval"
 
@@ -88,6 +104,19 @@ flags.DEFINE_float(
     "max_accuracy_drop", None, "With --early_exit: as --target_accuracy, with "
     "the target this many points below the deepest exit's accuracy.",
     lower_bound=0)
+flags.DEFINE_bool(
+    "fit_temperature", False, "Instead of metrics_<split>.json, fit one temperature "
+    f"per exit on held-out data (--split: {', '.join(TEMPERATURE_SPLITS)}; default: "
+    "validation when the run held one out) and write temperatures_<split>.json "
+    "beside the model, with NLL and ECE before and after on other held-out data "
+    "(validation: the test split; test: the other stratified half).")
+flags.DEFINE_integer(
+    "calibration_seed", 0, "With --fit_temperature --split=test: seed of the "
+    "stratified halves of the test split.", lower_bound=0, upper_bound=MAX_SEED)
+flags.DEFINE_string(
+    "temperature_file", None, "Score the model with these temperatures (a "
+    "temperatures_<split>.json of --fit_temperature): every exit's logits divided "
+    "by its temperature.")
 
 
 def _finite(value: float | None) -> bool:
@@ -109,6 +138,12 @@ def _model_directory() -> str:
     return os.path.dirname(os.path.abspath(FLAGS.model))
 
 
+def _stem(stem: str, temperatures: dict | None) -> str:
+    """The default output's name: a calibrated model's scores never replace
+    the model's own (``calibrated_metrics_<split>.json``)."""
+    return f"calibrated_{stem}" if temperatures else stem
+
+
 def _output_path(split: str | None, stem: str = "metrics") -> str:
     if FLAGS.out is None:
         return os.path.join(_model_directory(), f"{stem}_{split}.json")
@@ -127,7 +162,7 @@ def _check_outputs(split: str | None, stem: str) -> None:
     files = []
     if FLAGS.out is not None or split is not None:
         files.append(_output_path(split, stem))
-        if stem == "early_exit":
+        if stem.endswith("early_exit"):
             files.append(os.path.splitext(files[0])[0] + ".png")
     for path in files:
         if os.path.isdir(path):
@@ -197,17 +232,19 @@ def _say_if_capped(scored: dict) -> None:
               f"holds; scored all {count} examples")
 
 
-def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
-    _check_outputs(split, "early_exit")
-    trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+def _run_early_exit(split: str | None, thresholds: list[float],
+                    temperatures: dict | None) -> int:
+    _check_outputs(split, _stem("early_exit", temperatures))
+    trained = _loaded(temperatures)
     if _criterion():
         _check_validation_split(trained)
     curve = evaluate_cascade(
         trained, thresholds=thresholds, latency_examples=FLAGS.latency_examples,
+        temperatures=temperatures and temperatures["temperatures"],
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=split,
         batch_size=FLAGS.batch_size, eval_examples=FLAGS.eval_examples)
     selected = early_exit.select_threshold(curve, **_criterion()) if _criterion() else None
-    out = _output_path(curve["split"], "early_exit")
+    out = _output_path(curve["split"], _stem("early_exit", temperatures))
     png = os.path.splitext(out)[0] + ".png"
     _write(out, early_exit.write_curve, curve, out, png, selected)
     _say_if_capped(curve)
@@ -232,14 +269,58 @@ def _run_early_exit(split: str | None, thresholds: list[float]) -> int:
     return 0
 
 
-def _run_metrics() -> int:
-    _check_outputs(FLAGS.split, "metrics")
+def _temperatures() -> dict | None:
+    """The ``--temperature_file`` record, or None; exits (status 2) on a bad one."""
+    if FLAGS.temperature_file is None:
+        return None
+    if FLAGS.fit_temperature:
+        program.fail(PROGRAM, "--temperature_file: not with --fit_temperature, "
+                     "which fits the temperatures itself")
+    try:
+        return read_temperatures(FLAGS.temperature_file)
+    except RunDirectoryError as err:
+        program.fail(PROGRAM, f"--temperature_file: {err}")
+
+
+def _loaded(temperatures: dict | None) -> TrainedModel:
+    """The model; with temperatures, one for each of its exits."""
     trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
+    count = len(temperatures["temperatures"]) if temperatures else None
+    if count is not None and count != trained.model.num_exits:
+        raise SettingsError(
+            "temperature_file", f"{FLAGS.temperature_file} holds {count} temperatures; "
+            f"the model has {trained.model.num_exits} exits")
+    return trained
+
+
+def _run_temperature_scaling() -> int:
+    _check_outputs(FLAGS.split, "temperatures")
+    trained = _loaded(None)
+    record = fit_temperature_scaling(
+        trained, split=FLAGS.split, seed=FLAGS.calibration_seed, dataset=FLAGS.dataset,
+        data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
+        eval_examples=FLAGS.eval_examples)
+    fitted, reported = record["fitted_on"], record["reported_on"]
+    out = _output_path(fitted["split"], "temperatures")
+    _write(out, metrics_record.write_metrics_json, record, out)
+    print(f"{FLAGS.model}: temperatures fitted on the {fitted['split']} split "
+          f"({fitted['rows']}, {fitted['num_examples']} examples), scored on the "
+          f"{reported['split']} split ({reported['rows']}, {reported['num_examples']} "
+          "examples):")
+    print(format_temperature_table(record))
+    print(f"Wrote {out}")
+    return 0
+
+
+def _run_metrics(temperatures: dict | None) -> int:
+    _check_outputs(FLAGS.split, _stem("metrics", temperatures))
+    trained = _loaded(temperatures)
     record = evaluate_trained(
-        trained, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+        trained, temperatures=temperatures and temperatures["temperatures"],
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         split=FLAGS.split, batch_size=FLAGS.batch_size,
         eval_examples=FLAGS.eval_examples)
-    out = _output_path(record["split"])
+    out = _output_path(record["split"], _stem("metrics", temperatures))
     _write(out, metrics_record.write_metrics_json, record, out)
     _say_if_capped(record)
     print(f"{FLAGS.model} on {record['dataset']} ({record['split']} split, "
@@ -252,11 +333,19 @@ def _run_metrics() -> int:
 def main(argv: list[str]) -> int:
     del argv  # program.run rejects positional arguments
     split, thresholds = _early_exit_settings()
+    temperatures = _temperatures()
+    if FLAGS.fit_temperature and FLAGS.early_exit:
+        program.fail(PROGRAM, "--fit_temperature: not with --early_exit; fit the "
+                     "temperatures first, then pass --temperature_file")
+    if FLAGS.calibration_seed and not FLAGS.fit_temperature:
+        program.fail(PROGRAM, "--calibration_seed: only with --fit_temperature")
     # Held from loading the model to writing what it scored.
     with reading_run(FLAGS.model):
+        if FLAGS.fit_temperature:
+            return _run_temperature_scaling()
         if FLAGS.early_exit:
-            return _run_early_exit(split, thresholds)
-        return _run_metrics()
+            return _run_early_exit(split, thresholds, temperatures)
+        return _run_metrics(temperatures)
 
 
 def run() -> None:

@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 from selfkd_tf import data  # noqa: E402
 from selfkd_tf.serving import saved_model as export_lib  # noqa: E402
+from selfkd_tf.rundir.reading import RunDirectoryError, read_temperatures  # noqa: E402
 from selfkd_tf.serving.cascade import check_threshold  # noqa: E402
 from selfkd_tf.cli import model_flags  # noqa: E402
 from selfkd_tf.cli import program  # noqa: E402
@@ -55,6 +56,11 @@ flags.DEFINE_list(
     "class_names", None, "The class names, comma-separated in class-id order; "
     "default: those of the run's dataset ('0', '1', ... for a .keras file "
     "outside a run directory).")
+flags.DEFINE_string(
+    "temperature_file", None, "Serve calibrated probabilities: the temperatures "
+    "of a temperatures_<split>.json written by selfkd-eval --fit_temperature "
+    "divide every exit's logits (the calibration signature says what they were "
+    "fitted on).")
 flags.DEFINE_bool(
     "overwrite", False, "Replace an existing --out that is a SavedModel (or "
     "an empty directory); any other file or directory is never replaced.")
@@ -82,6 +88,19 @@ def _flag_error(error: ValueError) -> SettingsError:
     return SettingsError(flag, problem)
 
 
+def _calibration() -> tuple[list[float] | None, str]:
+    """``--temperature_file``'s temperatures and what they were fitted on."""
+    if FLAGS.temperature_file is None:
+        return None, ""
+    try:
+        record = read_temperatures(FLAGS.temperature_file)
+    except RunDirectoryError as err:
+        raise SettingsError("temperature_file", str(err)) from err
+    fitted = record["fitted_on"]
+    return record["temperatures"], (f"{fitted['split']} split, {fitted['rows']}, "
+                                    f"{fitted['num_examples']} examples")
+
+
 def _check_flags_before_loading() -> None:
     """``--threshold`` and ``--out``, which need no model; raises SettingsError."""
     kind = "run directory" if os.path.isdir(FLAGS.model) else "file"
@@ -99,6 +118,7 @@ def _check_flags_before_loading() -> None:
 def main(argv: list[str]) -> int:
     del argv
     _check_flags_before_loading()
+    temperatures, calibration = _calibration()
     # Held from loading the model to writing the export.
     with reading_run(FLAGS.model):
         trained = load_trained_model(FLAGS.model, model_flags.safe_mode())
@@ -108,13 +128,18 @@ def main(argv: list[str]) -> int:
                 model, FLAGS.out, FLAGS.exit, FLAGS.overwrite, FLAGS.threshold)
         except ValueError as err:
             raise _flag_error(err) from err
+        if temperatures is not None and len(temperatures) != model.num_exits:
+            raise SettingsError(
+                "temperature_file", f"{FLAGS.temperature_file} holds {len(temperatures)} "
+                f"temperatures; the model has {model.num_exits} exits")
         # Read only once the flags are known to be good: it may decode the
         # whole dataset.
         class_names = _class_names(trained)
         try:
             summary = export_lib.export_saved_model(
                 model, FLAGS.out, exit=FLAGS.exit, overwrite=FLAGS.overwrite,
-                threshold=FLAGS.threshold, class_names=class_names)
+                threshold=FLAGS.threshold, class_names=class_names,
+                temperatures=temperatures, calibration=calibration)
         except ValueError as err:
             raise _flag_error(err) from err
         # E.g. a full disk; the export leaves nothing behind.
@@ -129,6 +154,9 @@ def main(argv: list[str]) -> int:
         print(f"Exported the {model.num_exits}-exit cascade (threshold "
               f"{summary.threshold:g}) to {summary.path}")
     print(summary.table())
+    if temperatures is not None:
+        print(f"Temperatures {', '.join(f'{t:.3f}' for t in temperatures)} (exits 1.."
+              f"{model.num_exits}), fitted on the {calibration}")
     return 0
 
 

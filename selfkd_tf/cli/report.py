@@ -81,6 +81,13 @@ flags.DEFINE_string(
     "Runs without the file show n/a; a record of another split or of "
     "another run is refused. "
     "Empty: no training accuracy.")
+flags.DEFINE_string(
+    "temperature_file", "",
+    "The file name, inside each run directory (not a path), of the run's "
+    "temperature-scaling record, temperatures_<split>.json, written by "
+    "selfkd-eval --fit_temperature. summary.md then adds the deepest exit's "
+    "temperature and its NLL and ECE (and the ensemble's ECE) before and after "
+    "temperature scaling. Empty: none.")
 flags.mark_flags_as_required(["runs", "out"])
 
 
@@ -94,6 +101,7 @@ def _file_name(name: str) -> bool:
 
 flags.register_validator("metrics_file", _file_name)
 flags.register_validator("train_metrics_file", lambda name: not name or _file_name(name))
+flags.register_validator("temperature_file", lambda name: not name or _file_name(name))
 
 
 def _warnings_on_one_line() -> None:
@@ -123,11 +131,13 @@ def main(argv: list[str]) -> int:
                      "run directories were skipped (see above)")
     try:
         written = tables.write_report(found.runs, FLAGS.out, found.skipped,
-                                      FLAGS.train_metrics_file)
+                                      FLAGS.train_metrics_file, FLAGS.temperature_file)
     except RepeatedRunError as err:
         program.fail(PROGRAM, f"--runs: {err}")
     except RunDirectoryError as err:
-        program.fail(PROGRAM, f"--train_metrics_file: {err}")
+        temperatures = FLAGS.temperature_file and FLAGS.temperature_file in str(err)
+        program.fail(PROGRAM, f"--{'temperature_file' if temperatures else 'train_metrics_file'}"
+                     f": {err}")
     except OSError as err:
         program.fail(PROGRAM, f"--out: cannot write {FLAGS.out}: {err}", status=1)
     for path in written:

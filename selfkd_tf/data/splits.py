@@ -13,7 +13,7 @@ import numpy as np
 
 from selfkd_tf.data.sources import DataError, ImageArrays
 
-__all__ = ["select_examples", "stratified_sample"]
+__all__ = ["select_examples", "stratified_halves", "stratified_sample"]
 
 # Distinct streams of the numpy generator that selects examples, so that the
 # validation carve-out and the size caps do not depend on one another.
@@ -128,3 +128,31 @@ def stratified_sample(
         for label, size in zip(classes, taken)
     ]
     return np.sort(np.concatenate(chosen))
+
+
+def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of the examples, each holding half of every class.
+
+    A class with an odd number of examples gives its odd one to the second
+    half. Used to choose something on one half of a split (a threshold, a
+    temperature) and report it on the other, so the report never peeks.
+
+    Args:
+        labels: int ``[n]``.
+        seed: non-negative seed of the draw.
+
+    Returns:
+        ``(first, second)``: increasing int64 indices, together ``range(n)``.
+
+    Example:
+
+    >>> stratified_halves(np.array([0, 0, 1, 1, 1]), seed=0)
+    (array([0, 4]), array([1, 2, 3]))
+    """
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        first.append(members[: len(members) // 2])
+        second.append(members[len(members) // 2:])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))

@@ -23,6 +23,13 @@ The full objective is ``L = L_CE + L_SelfKD + L_DMFL`` where
   with ``q = softmax`` over the feature channels, each KL averaged over the
   batch; in each direction the first argument is the (constant) target.
 
+The controls of `selfkd_tf.distillation.config` change two parts: label
+smoothing (``"ls"``) makes ``y_soft`` the smoothed label
+``(1 - eps) onehot(y) + eps / C``; deep supervision (``"ds"``) takes the
+place of ``L_SelfKD`` with its cross-entropies alone,
+``(1 - a) [sum_{i in S} CE(P_i, y_soft) + CE(P_N, y_soft)]``, logged as the
+``byot`` term.
+
 Averages are taken over the *global* batch (``global_batch_size``), so that
 per-replica losses summed by a ``tf.distribute`` strategy give the same
 gradient as one replica on the whole batch, however unevenly the batch is
@@ -87,6 +94,7 @@ def byot_terms(
     config: SelfKDConfig,
     global_batch_size: tf.Tensor | float,
     sample_weight: tf.Tensor | None = None,
+    distill: bool = True,
 ) -> dict[str, tf.Tensor]:
     """BYOT ("Be Your Own Teacher") terms, reduced over the global batch.
 
@@ -94,6 +102,8 @@ def byot_terms(
     constant in the KL and hint terms. The KL term is the true KL divergence;
     the reference implementation uses the soft cross-entropy instead, which
     differs by the teacher's entropy, a constant, so gradients are equal.
+    Without ``distill`` the KL and hint terms are 0: what is left is deep
+    supervision, every exit's cross-entropy with BYOT's weights.
 
     Args:
         logits: N tensors ``[B, C]``, shallowest to deepest.
@@ -104,6 +114,8 @@ def byot_terms(
         global_batch_size: number of examples the averages divide by.
         sample_weight: optional ``[B]`` per-example weights (see the module
             docstring); they scale each example's CE, KL and hint.
+        distill: whether the KL and hint terms are on (BYOT) or 0 (deep
+            supervision).
 
     Returns:
         ``{"byot_ce", "byot_kl", "byot_hint"}`` scalars; their sum is
@@ -117,8 +129,9 @@ def byot_terms(
     hint = tf.zeros_like(ce)
     for i in config.shallow_byot_exits(len(logits)):
         ce += soft_cross_entropy(logits[i - 1], targets)
-        kl += kl_divergence(teacher_logits, logits[i - 1] / temperature)
-        hint += tf.reduce_sum(tf.square(features[i - 1] - teacher_feature), axis=-1)
+        if distill:
+            kl += kl_divergence(teacher_logits, logits[i - 1] / temperature)
+            hint += tf.reduce_sum(tf.square(features[i - 1] - teacher_feature), axis=-1)
     return {
         "byot_ce": (1.0 - alpha) * _weighted_sum(ce, sample_weight) / global_batch_size,
         "byot_kl": alpha * temperature**2 * _weighted_sum(kl, sample_weight)
@@ -200,8 +213,9 @@ def selfkd_loss(
 
     Returns:
         A dict of scalars: ``"ce"``, ``"byot"`` (with its parts
-        ``"byot_ce"``, ``"byot_kl"``, ``"byot_hint"``), ``"dmfl"`` and
-        ``"total"``. Terms of disabled methods are 0.
+        ``"byot_ce"``, ``"byot_kl"``, ``"byot_hint"``; deep supervision's
+        cross-entropies under ``"byot_ce"``), ``"dmfl"`` and ``"total"``.
+        Terms of disabled methods are 0.
 
     Example:
 
@@ -219,7 +233,9 @@ def selfkd_loss(
     if config.uses("pskd") and teacher_probs is not None:
         targets = soft_targets(labels, num_classes, teacher_probs, alpha_t, teacher_valid)
     else:
-        targets = soft_targets(labels, num_classes)
+        targets = soft_targets(
+            labels, num_classes,
+            label_smoothing=config.label_smoothing if config.uses("ls") else 0.0)
 
     zero = tf.constant(0.0)
     terms = {
@@ -230,9 +246,10 @@ def selfkd_loss(
         "byot_hint": zero,
         "dmfl": zero,
     }
-    if config.uses("byot"):
+    if config.trains_shallow_exits():
         terms.update(byot_terms(
-            logits, features, targets, config, global_batch_size, sample_weight))
+            logits, features, targets, config, global_batch_size, sample_weight,
+            distill=config.uses("byot")))
     if config.uses("dmfl"):
         terms["dmfl"] = dmfl_loss(
             features, config.dmfl_gradient, global_batch_size, sample_weight)

@@ -52,18 +52,24 @@ def soft_targets(
     teacher_probs: tf.Tensor | None = None,
     alpha_t: tf.Tensor | float = 0.0,
     teacher_valid: tf.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tf.Tensor:
-    """PS-KD targets ``y_soft = (1 - a_t) onehot(y) + a_t P_T``.
+    """PS-KD targets ``y_soft = (1 - a_t) y + a_t P_T``.
+
+    ``y`` is the one-hot label, or with ``label_smoothing = eps`` the
+    smoothed label ``(1 - eps) onehot(y) + eps / C`` (Szegedy et al., 2016,
+    Sec. 7); the controls use it without a teacher.
 
     Args:
         labels: int ``[B]``.
         num_classes: ``C``.
         teacher_probs: ``[B, C]`` previous-epoch predictions, or ``None`` for
-            one-hot targets.
+            the label alone.
         alpha_t: the current mixing weight.
         teacher_valid: optional ``[B]`` 0/1; rows with 0 have no stored
             prediction yet (epoch 0, or a sample not seen so far) and get the
-            one-hot label.
+            label.
+        label_smoothing: ``eps`` in ``[0, 1)``.
 
     Returns:
         float32 ``[B, C]``.
@@ -81,6 +87,8 @@ def soft_targets(
     ]
     with tf.control_dependencies(checks):
         one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
+    if label_smoothing:
+        one_hot = (1.0 - label_smoothing) * one_hot + label_smoothing / num_classes
     if teacher_probs is None:
         return one_hot
     weight = tf.cast(alpha_t, tf.float32) * tf.ones_like(one_hot[:, :1])

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from selfkd_tf.metrics import calibration
 from selfkd_tf.metrics import record as metrics_record
 from selfkd_tf.metrics import scores as metrics_lib
 from selfkd_tf.models.costs import count_parameters
@@ -66,6 +67,7 @@ def evaluate_model(
     methods: typing.Sequence[str],
     train_time_s: float | None = None,
     epochs: int | None = None,
+    temperatures: typing.Sequence[float] | None = None,
 ) -> dict:
     """The ``metrics.json`` record of ``model`` on ``dataset``.
 
@@ -76,13 +78,37 @@ def evaluate_model(
         dataset: batches ``(x, labels)``, as `predict_exit_probabilities`.
         dataset_name, split, arch, methods, train_time_s, epochs: what the
             record says of the data, the model and its training.
+        temperatures: one per exit: score ``softmax(z_k / T_k)``
+            (`selfkd_tf.metrics.calibration`); the record then lists them.
     """
     exit_probs, labels = predict_exit_probabilities(model, dataset)
-    return metrics_record.build_metrics_record(
-        exit_probs, labels, dataset=dataset_name, split=split, arch=arch,
-        methods=list(methods), params=count_parameters(model.backbone),
-        train_time_s=train_time_s, epochs=epochs,
-    )
+    return metrics_record_of(
+        model, exit_probs, labels, dataset_name=dataset_name, split=split, arch=arch,
+        methods=methods, train_time_s=train_time_s, epochs=epochs,
+        temperatures=temperatures)
+
+
+def metrics_record_of(
+    model: keras.Model,
+    exit_probs: typing.Sequence[np.ndarray],
+    labels: np.ndarray,
+    *,
+    temperatures: typing.Sequence[float] | None = None,
+    **fields,
+) -> dict:
+    """`evaluate_model`'s record from probabilities already predicted.
+
+    ``fields`` are `evaluate_model`'s (``dataset_name``, ``split``,
+    ``arch``, ``methods``, and optionally ``train_time_s``, ``epochs``).
+    """
+    if temperatures is not None:
+        exit_probs = calibration.apply_temperatures(exit_probs, temperatures)
+    record = metrics_record.build_metrics_record(
+        exit_probs, labels, dataset=fields.pop("dataset_name"),
+        params=count_parameters(model.backbone), **fields)
+    if temperatures is not None:
+        record["temperatures"] = [float(t) for t in temperatures]
+    return record
 
 
 def format_metrics_table(record: dict) -> str:
@@ -101,4 +127,28 @@ def format_metrics_table(record: dict) -> str:
     lines = [f"{'exit':<10}" + "".join(f"{k:>10}" for k in keys)]
     for name, scores in rows:
         lines.append(f"{name:<10}" + "".join(f"{scores[k]:>10.3f}" for k in keys))
+    return "\n".join(lines)
+
+
+def format_temperature_table(record: dict) -> str:
+    """A plain-text table of a temperature record: every exit's temperature,
+    and its NLL and ECE before and after temperature scaling (the ensemble
+    averages the scaled exits).
+
+    Example:
+
+        exit          T   nll before   nll after   ece before   ece after
+        1         1.284        1.203       1.157       9.314       2.051
+        ...
+        ensemble      -        1.012       0.996       5.102       1.977
+    """
+    before, after = record["before"], record["after"]
+    rows = [(str(b["exit"]), f"{t:.3f}", b, a) for t, b, a in
+            zip(record["temperatures"], before["exits"], after["exits"])]
+    rows.append(("ensemble", "-", before["ensemble"], after["ensemble"]))
+    header = ["exit", "T", "nll before", "nll after", "ece before", "ece after"]
+    lines = [f"{header[0]:<10}{header[1]:>7}" + "".join(f"{h:>13}" for h in header[2:])]
+    for name, temperature, b, a in rows:
+        lines.append(f"{name:<10}{temperature:>7}" + "".join(
+            f"{v:>13.3f}" for v in (b["nll"], a["nll"], b["ece"], a["ece"])))
     return "\n".join(lines)

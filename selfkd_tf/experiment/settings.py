@@ -28,7 +28,7 @@ import numpy as np
 
 from selfkd_tf import data as data_lib
 from selfkd_tf.distillation.config import (
-    DMFL_GRADIENTS, METHODS, PSKD_TEACHERS, SelfKDConfig)
+    CONTROLS, DMFL_GRADIENTS, METHODS, PSKD_TEACHERS, SelfKDConfig)
 from selfkd_tf.distillation.pskd import TABLE_DTYPES
 from selfkd_tf.distribution import strategy as distribute_lib
 from selfkd_tf.errors import SettingsError
@@ -117,12 +117,17 @@ class TrainSettings:
         False, "Synchronise batch-norm statistics across replicas.")
     # Objective.
     methods: tuple[str, ...] = _setting(
-        METHODS, f"Comma list of {', '.join(METHODS)}; "
-        "empty for the baseline.")
+        METHODS, f"Comma list of the methods {', '.join(METHODS)} and the controls "
+        f"{', '.join(CONTROLS)} (label smoothing, deep supervision); empty for "
+        "the baseline. ls is refused with pskd, ds with byot.")
     pskd_alpha: float = _setting(0.8, "PS-KD: final weight a_T of the self-teacher.")
     pskd_teacher: str = _setting(
         "deepest", f"PS-KD teacher: {', '.join(PSKD_TEACHERS)}.")
-    byot_alpha: float = _setting(0.1, "BYOT: weight of the distillation term.")
+    label_smoothing: float = _setting(
+        0.1, "ls: eps of the smoothed label (1 - eps) onehot + eps / classes, in [0, 1).")
+    byot_alpha: float = _setting(
+        0.1, "BYOT: weight a of the distillation term (ds: its cross-entropies "
+        "weigh 1 - a, as BYOT's).")
     byot_lambda: float = _setting(1e-6, "BYOT: weight of the feature hint term.")
     temperature: float = _setting(
         3.0, f"BYOT: softening temperature, in [{TEMPERATURES[0]:g}, {TEMPERATURES[1]:g}].")
@@ -169,7 +174,8 @@ class TrainSettings:
         """The objective's configuration."""
         return SelfKDConfig(
             methods=tuple(self.methods), pskd_alpha=self.pskd_alpha,
-            pskd_teacher=self.pskd_teacher, byot_alpha=self.byot_alpha,
+            pskd_teacher=self.pskd_teacher, label_smoothing=self.label_smoothing,
+            byot_alpha=self.byot_alpha,
             byot_lambda=self.byot_lambda, temperature=self.temperature,
             byot_exits=self.byot_exits, dmfl_gradient=self.dmfl_gradient,
         )

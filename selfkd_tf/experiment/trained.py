@@ -4,9 +4,11 @@
 mode on by default) with the run's settings; `reading_run` holds a reader's
 lock on the run meanwhile; `evaluation_data` rebuilds the split it is scored
 on, normalised as the model was trained; `evaluate_trained` returns the
-``metrics.json`` record (`selfkd_tf.evaluation.scoring.evaluate_model`) and
+``metrics.json`` record (`selfkd_tf.evaluation.scoring.evaluate_model`),
 `evaluate_cascade` the early-exit curve
-(`selfkd_tf.serving.early_exit.early_exit_curve`) of that split.
+(`selfkd_tf.serving.early_exit.early_exit_curve`) of that split, and
+`fit_temperature_scaling` one temperature per exit, fitted and reported on
+held-out data.
 
 Example:
 
@@ -31,11 +33,14 @@ import tensorflow as tf
 
 from selfkd_tf import data as data_lib
 from selfkd_tf.distillation.model import SelfKDModel
-from selfkd_tf.evaluation.scoring import evaluate_model, predict_exit_probabilities
+from selfkd_tf.data.splits import stratified_halves
+from selfkd_tf.evaluation.scoring import (
+    evaluate_model, metrics_record_of, predict_exit_probabilities)
 from selfkd_tf.experiment.builders import build_datasets
 from selfkd_tf.errors import SettingsError
 from selfkd_tf.experiment.settings import (
     TrainSettings, as_settings_error, check_choice, read_settings)
+from selfkd_tf.metrics import calibration
 from selfkd_tf.models.costs import exit_costs
 from selfkd_tf.rundir import lock as run_lock
 from selfkd_tf.rundir.layout import MODEL_FILE, run_directory_of
@@ -241,11 +246,24 @@ def evaluation_data(
     return _renormalized(eval_ds, info, model), info
 
 
-def evaluate_trained(trained: TrainedModel, **data_choices) -> dict:
+def _record_fields(trained: TrainedModel, info) -> dict:
+    """What a metrics record says of a trained model and the data it scored."""
+    model = trained.model
+    return dict(
+        dataset_name=info.name, split=info.eval_split,
+        arch=trained.settings.arch if trained.settings else model.backbone.name,
+        methods=model.selfkd_config.methods,
+        epochs=trained.settings.epochs if trained.settings else None)
+
+
+def evaluate_trained(trained: TrainedModel, temperatures: Sequence[float] | None = None,
+                     **data_choices) -> dict:
     """Evaluates a loaded model; returns its ``metrics.json`` record.
 
     Args:
         trained: from `load_trained_model`.
+        temperatures: one per exit, to score the temperature-scaled model
+            (`fit_temperature_scaling`); the record lists them.
         **data_choices: ``dataset``, ``data_dir``, ``split``, ``batch_size``
             and ``eval_examples``, as for `evaluation_data`. The record's
             ``num_examples`` says how many were scored.
@@ -253,15 +271,77 @@ def evaluate_trained(trained: TrainedModel, **data_choices) -> dict:
     Raises:
         SettingsError: bad ``dataset``/``split``, or data the model cannot take.
     """
-    model = trained.model
     eval_ds, info = evaluation_data(trained, **data_choices)
-    return evaluate_model(
-        model, eval_ds, dataset_name=info.name,
-        split=info.eval_split,
-        arch=trained.settings.arch if trained.settings else model.backbone.name,
-        methods=model.selfkd_config.methods,
-        epochs=trained.settings.epochs if trained.settings else None,
-    )
+    return evaluate_model(trained.model, eval_ds, temperatures=temperatures,
+                          **_record_fields(trained, info))
+
+
+TEMPERATURE_SPLITS = ("validation", "test")
+"""The held-out splits a temperature may be fitted on."""
+
+
+def fit_temperature_scaling(trained: TrainedModel, *, split: str | None = None,
+                            seed: int = 0, **data_choices) -> dict:
+    """Fits one temperature per exit on held-out data, and scores it on other held-out data.
+
+    Temperature scaling (`selfkd_tf.metrics.calibration`) is fitted on data
+    the model never trained on, and reported on data it was not fitted on:
+
+    - ``split="validation"`` (the default when the run held one out): fitted
+      on the whole validation split, reported on the test split;
+    - ``split="test"``: fitted on one stratified half of the test split
+      (`selfkd_tf.data.splits.stratified_halves` with ``seed``) and reported
+      on the other half, as the early-exit study chooses its threshold.
+
+    Args:
+        trained: from `load_trained_model`.
+        split: one of `TEMPERATURE_SPLITS`.
+        seed: the draw of the halves of the test split.
+        **data_choices: ``dataset``, ``data_dir``, ``batch_size``,
+            ``eval_examples``, as for `evaluation_data`.
+
+    Returns:
+        The temperature record (written as ``temperatures_<split>.json``):
+        ``temperatures`` (one per exit, shallowest first), ``fitted_on`` and
+        ``reported_on`` (``split``, ``rows``, ``num_examples``), and the
+        metrics records ``before`` and ``after`` temperature scaling on the
+        reported rows; ``model``, ``dataset``.
+
+    Raises:
+        SettingsError: a split that is not held out (``train``), or
+            ``validation`` for a run that held none out; bad data choices.
+    """
+    run_split = "validation" if trained.settings and trained.settings.validation_fraction \
+        else "test"
+    split = split or run_split
+    if split not in TEMPERATURE_SPLITS:
+        raise SettingsError(
+            "split", f"got {split!r}: a temperature is fitted on held-out data; allowed: "
+            f"{', '.join(TEMPERATURE_SPLITS)}")
+    fit_ds, fit_info = evaluation_data(trained, split=split, **data_choices)
+    fit_probs, fit_labels = predict_exit_probabilities(trained.model, fit_ds)
+    if split == "validation":
+        report_ds, report_info = evaluation_data(trained, split="test", **data_choices)
+        report_probs, report_labels = predict_exit_probabilities(trained.model, report_ds)
+        fit_rows = report_rows = "all"
+    else:
+        first, second = stratified_halves(fit_labels, seed)
+        report_info = fit_info
+        report_probs, report_labels = [p[second] for p in fit_probs], fit_labels[second]
+        fit_probs, fit_labels = [p[first] for p in fit_probs], fit_labels[first]
+        fit_rows, report_rows = (f"stratified half {k} of 2 (seed {seed})" for k in (1, 2))
+    temperatures = calibration.fit_temperatures(fit_probs, fit_labels)
+    fields = _record_fields(trained, report_info)
+    return {
+        "model": trained.path, "dataset": fit_info.name,
+        "temperatures": temperatures,
+        "fitted_on": {"split": split, "rows": fit_rows, "num_examples": len(fit_labels)},
+        "reported_on": {"split": "test", "rows": report_rows,
+                        "num_examples": len(report_labels)},
+        "before": metrics_record_of(trained.model, report_probs, report_labels, **fields),
+        "after": metrics_record_of(trained.model, report_probs, report_labels,
+                                   temperatures=temperatures, **fields),
+    }
 
 
 def evaluate_cascade(
@@ -269,6 +349,7 @@ def evaluate_cascade(
     *,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     latency_examples: int = 128,
+    temperatures: Sequence[float] | None = None,
     **data_choices,
 ) -> dict:
     """The early-exit curve of a loaded model on one split.
@@ -278,6 +359,8 @@ def evaluate_cascade(
         thresholds: the thresholds to sweep.
         latency_examples: time the cascade on the split's first this many
             images (`measure_latency`); 0 measures FLOPs only.
+        temperatures: one per exit: the exits' confidences are those of the
+            temperature-scaled model (`fit_temperature_scaling`).
         **data_choices: ``dataset``, ``data_dir``, ``split``, ``batch_size``,
             ``eval_examples``, as for `selfkd_tf.experiment.trained.evaluation_data`.
 
@@ -292,6 +375,8 @@ def evaluate_cascade(
     model = trained.model
     eval_ds, info = evaluation_data(trained, **data_choices)
     exit_probs, labels = predict_exit_probabilities(model, eval_ds)
+    if temperatures is not None:
+        exit_probs = calibration.apply_temperatures(exit_probs, temperatures)
     latency = None
     if latency_examples:
         chunks, count = [], 0
@@ -304,4 +389,6 @@ def evaluate_cascade(
         latency = measure_latency(model.backbone, images, thresholds)
     curve = early_exit_curve(exit_probs, labels, exit_costs(model.backbone),
                              thresholds, latency)
-    return {"model": trained.path, "dataset": info.name, "split": info.eval_split, **curve}
+    return {"model": trained.path, "dataset": info.name, "split": info.eval_split,
+            **({"temperatures": list(temperatures)} if temperatures is not None else {}),
+            **curve}

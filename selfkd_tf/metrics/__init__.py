@@ -1,8 +1,13 @@
-"""The paper's metrics as numpy functions of probabilities, and the ``metrics.json`` record.
+"""The paper's metrics as numpy functions of probabilities, temperature scaling, and
+the ``metrics.json`` record.
 
 Imports neither TensorFlow nor Keras.
 """
 
+from selfkd_tf.metrics.calibration import apply_temperature
+from selfkd_tf.metrics.calibration import apply_temperatures
+from selfkd_tf.metrics.calibration import fit_temperature
+from selfkd_tf.metrics.calibration import fit_temperatures
 from selfkd_tf.metrics.record import build_metrics_record
 from selfkd_tf.metrics.record import write_metrics_json
 from selfkd_tf.metrics.scores import METRIC_KEYS

@@ -37,8 +37,12 @@ only changes true-class probabilities below 1e-12. (Keras' epsilon, 1e-7,
 would already cap a confident mistake at 16.1 nats.)"""
 
 
-def _check_inputs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     """Validates `(probs, labels)` and returns them as numpy arrays.
+
+    Raises:
+        ValueError: `probs` is not a finite ``[n, C]`` array with ``n, C >= 1``,
+            or `labels` not ``n`` integers in ``[0, C)`` (``[n]`` or ``[n, 1]``).
 
     Floating-point probabilities keep their dtype (bin edges are compared in
     it, see `reliability_bins`); anything else is converted to float64.
@@ -117,7 +121,7 @@ def top_k_error(probs, labels, k: int = 1) -> float:
     """
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}.")
-    probs, labels = _check_inputs(probs, labels)
+    probs, labels = check_inputs(probs, labels)
     hits = _label_rank(probs, labels) < min(k, probs.shape[1])
     return float(100.0 * (1.0 - np.mean(hits)))
 
@@ -141,7 +145,7 @@ def negative_log_likelihood(probs, labels) -> float:
     >>> round(negative_log_likelihood([[0.5, 0.5], [0.25, 0.75]], [0, 1]), 4)
     0.4904
     """
-    probs, labels = _check_inputs(probs, labels)
+    probs, labels = check_inputs(probs, labels)
     true_prob = np.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
     true_prob = np.maximum(true_prob.astype(np.float64), NLL_EPSILON)
     return float(-np.mean(np.log(true_prob)))
@@ -181,7 +185,7 @@ def bin_edges(num_bins: int) -> np.ndarray:
 def _bin_sums(probs, labels, num_bins: int):
     """Returns `(edges, count, confidence_sum, correct_sum)` per bin."""
     edges = bin_edges(num_bins)
-    probs, labels = _check_inputs(probs, labels)
+    probs, labels = check_inputs(probs, labels)
     confidence = probs.max(axis=1)
     # Compare in the dtype of `probs`, so that float32(0.3) is on the edge
     # float32(3 / 10). Counting the inner edges strictly below a confidence
@@ -269,7 +273,7 @@ def expected_calibration_error(probs, labels, num_bins: int = 10) -> float:
 
 def _aurc_and_eaurc(probs, labels) -> tuple[float, float]:
     """Returns `(AURC, E-AURC)`, both x1000; see `aurc`."""
-    probs, labels = _check_inputs(probs, labels)
+    probs, labels = check_inputs(probs, labels)
     n = probs.shape[0]
     # Stable sort on the negated confidence: descending, with ties kept in
     # sample order, like the reference's `sorted(..., reverse=True)`.

@@ -34,7 +34,7 @@ from selfkd_tf.rundir.reading import (
 _RUN_MARKERS = (METRICS_FILE, FLAGS_FILE, HISTORY_FILE)
 """A directory holding any of these files is a run directory."""
 
-METHOD_NAMES = {"pskd": "PS-KD", "byot": "BYOT", "dmfl": "DMFL"}
+METHOD_NAMES = {"pskd": "PS-KD", "ls": "LS", "byot": "BYOT", "ds": "DS", "dmfl": "DMFL"}
 """Display names of the methods, in the order they appear in labels."""
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,7 @@ from typing import Any, Sequence
 from selfkd_tf.report import provenance
 from selfkd_tf.rundir.layout import RESUME_SAFE_FIELDS
 from selfkd_tf.report.runs import Run
-from selfkd_tf.rundir.reading import RunDirectoryError, read_metrics
+from selfkd_tf.rundir.reading import RunDirectoryError, read_metrics, read_temperatures
 
 IGNORED_FIELDS = RESUME_SAFE_FIELDS | {"seed"}
 """Fields of `flags.json` in which repeats of one recipe may differ."""
@@ -167,11 +167,15 @@ class SeedGroup:
             without its seed suffix, for one run as for several
             (``baseline`` for ``baseline_seed0``, ``baseline_seed1``); see
             `group_seeds`.
+        temperature_records: Per run, its temperature-scaling record
+            (`selfkd_tf.rundir.reading.read_temperatures`) or `None`; empty
+            when none was read.
     """
 
     runs: tuple[Run, ...]
     train_metrics: tuple[dict[str, Any] | None, ...]
     label: str
+    temperature_records: tuple[dict[str, Any] | None, ...] = ()
 
     @property
     def n(self) -> int:
@@ -219,6 +223,27 @@ class SeedGroup:
     def gap(self) -> Spread | None:
         """`spread` of `gaps` over the runs that have one, `None` when none has."""
         return _spread_of_known(self.gaps())
+
+    def calibration(self, when: str, key: str, classifier: str = "deepest") -> Spread | None:
+        """`spread` of a score before or after temperature scaling, over the
+        runs with a temperature record; `None` when none has one.
+
+        Args:
+            when: ``"before"`` or ``"after"``.
+            key: a score of the metrics record, e.g. ``"ece"``.
+            classifier: ``"deepest"`` (the deepest exit) or ``"ensemble"``.
+        """
+        return _spread_of_known([
+            None if record is None else float(
+                record[when]["exits"][-1][key] if classifier == "deepest"
+                else record[when]["ensemble"][key])
+            for record in self.temperature_records])
+
+    def deepest_temperature(self) -> Spread | None:
+        """`spread` of the deepest exit's temperature over the runs with a
+        temperature record; `None` when none has one."""
+        return _spread_of_known([None if record is None else record["temperatures"][-1]
+                                 for record in self.temperature_records])
 
 
 def _spread_of_known(values: Sequence[float | None]) -> Spread | None:
@@ -320,7 +345,8 @@ def check_repeats(runs: Sequence[Run]) -> None:
 
 
 def group_seeds(runs: Sequence[Run],
-                train_metrics: Sequence[dict[str, Any] | None] | None = None
+                train_metrics: Sequence[dict[str, Any] | None] | None = None,
+                temperature_records: Sequence[dict[str, Any] | None] | None = None,
                 ) -> list[SeedGroup]:
     """Groups ``runs`` into repeats of one recipe (see the module doc).
 
@@ -328,6 +354,8 @@ def group_seeds(runs: Sequence[Run],
         runs: Loaded runs, e.g. `selfkd_tf.report.runs.FoundRuns.runs`.
         train_metrics: Per run, its training-split record or `None`, as
             `read_train_metrics` returns; default: none.
+        temperature_records: Per run, its temperature record or `None`, as
+            `read_temperature_records` returns; default: none.
 
     Returns:
         The groups in the order of their first run; runs keep their order.
@@ -351,12 +379,15 @@ def group_seeds(runs: Sequence[Run],
         train_metrics = [None] * len(runs)
     if len(train_metrics) != len(runs):
         raise ValueError(f"{len(train_metrics)} training records for {len(runs)} runs")
+    if temperature_records is None:
+        temperature_records = [None] * len(runs)
     check_repeats(runs)
     members = _groups(runs)
     labels = _labels([[runs[i] for i in indices] for indices in members])
     return [
         SeedGroup(tuple(runs[i] for i in indices),
-                  tuple(train_metrics[i] for i in indices), label)
+                  tuple(train_metrics[i] for i in indices), label,
+                  tuple(temperature_records[i] for i in indices))
         for indices, label in zip(members, labels)
     ]
 
@@ -427,4 +458,47 @@ def read_train_metrics(runs: Sequence[Run], filename: str
         raise RunDirectoryError(
             f"{second}: the very same scores as {first}: a record copied from "
             "one run directory into the other; give each run its own")
+    return records
+
+
+def read_temperature_records(runs: Sequence[Run], filename: str
+                             ) -> list[dict[str, Any] | None]:
+    """Each run's temperature-scaling record ``<run dir>/<filename>``.
+
+    Args:
+        runs: Loaded runs.
+        filename: The record's name in each run directory, e.g.
+            ``temperatures_test.json`` (``selfkd-eval --fit_temperature``
+            writes it); empty: no record (all `None`).
+
+    Returns:
+        Per run, the record (`selfkd_tf.rundir.reading.read_temperatures`),
+        or `None` when the run directory has no such file.
+
+    Raises:
+        ValueError: ``filename`` is not a plain file name.
+        RunDirectoryError: (one line, naming the file) a record is unreadable
+            or not of the run's model (`provenance.check_record`), scored
+            another data set than the run's reported scores, or no run has
+            the file (a mistyped name).
+    """
+    if not filename:
+        return [None] * len(runs)
+    provenance.check_file_name(filename)
+    records: list[dict[str, Any] | None] = []
+    for run in runs:
+        path = os.path.join(run.path, filename)
+        if not os.path.isfile(path):
+            records.append(None)
+            continue
+        record = read_temperatures(path)
+        for when in ("before", "after"):
+            provenance.check_record(run, record[when], f"{path} ({when})")
+        if record["before"]["dataset"] != run.metrics["dataset"]:
+            raise RunDirectoryError(
+                f"{path}: data set {record['before']['dataset']}; the run's reported "
+                f"scores: data set {run.metrics['dataset']}")
+        records.append(record)
+    if runs and all(record is None for record in records):
+        raise RunDirectoryError(f"no run directory holds a {filename}")
     return records

@@ -254,6 +254,35 @@ def _summary_notes(train_metrics_file: str, missing: Sequence[str]) -> list[str]
     return lines
 
 
+def _temperature_table(section: Sequence[SeedGroup], title: str) -> list[str]:
+    """The temperature-scaling section of `summary_markdown`, if any run has a record."""
+    with_records = [g for g in section if any(r is not None for r in g.temperature_records)]
+    if not with_records:
+        return []
+    header = ["Recipe", "Model", "Method", "n", "T (deepest)",
+              "NLL", "NLL, scaled", "ECE (%)", "ECE (%), scaled",
+              "Ensemble ECE (%)", "Ensemble ECE (%), scaled"]
+    rows = []
+    for group in with_records:
+        first = group.runs[0]
+        cells = [_spread_cell(group.deepest_temperature(), ".3f", group.n)]
+        for key, classifier, spec in (("nll", "deepest", ".3f"), ("ece", "deepest", ".2f"),
+                                      ("ece", "ensemble", ".2f")):
+            cells += [_spread_cell(group.calibration(when, key, classifier), spec, group.n)
+                      for when in ("before", "after")]
+        rows.append([group.label, first.model, first.method, str(group.n), *cells])
+    record = next(r for g in with_records for r in g.temperature_records if r is not None)
+    fitted, reported = record["fitted_on"], record["reported_on"]
+    return [
+        f"## Temperature scaling, {title}", "",
+        _markdown_table(header, rows, 3), "",
+        "One temperature per exit, fitted by NLL on held-out data (Guo et al., 2017), "
+        f"here on the {fitted['split']} split's {fitted['rows']} ({fitted['num_examples']} "
+        f"examples); every score on the {reported['split']} split's {reported['rows']} "
+        f"({reported['num_examples']} examples), before and after scaling. The "
+        "ensemble averages the scaled exits.", ""]
+
+
 def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] = (),
                      train_metrics_file: str = "") -> str:
     """Tables 1 and 2 over seeds: one row per recipe (`SeedGroup`).
@@ -265,8 +294,10 @@ def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] 
     ``train_metrics_file`` (the groups' `SeedGroup.train_metrics` were read
     from it), ``Train acc (%)`` and ``Gap (points)``; a third table then
     lists each run's test and training accuracy and gap. Table 2 is
-    aligned by depth as in `table2_markdown`. Notes as in `table1_markdown`,
-    and the definitions of the cells.
+    aligned by depth as in `table2_markdown`. When the groups hold
+    temperature records (`SeedGroup.temperature_records`), a table gives
+    the deepest exit's temperature and NLL and ECE before and after scaling.
+    Notes as in `table1_markdown`, and the definitions of the cells.
     """
     columns = ["Recipe", "Model", "Method", "n", "Seeds"]
     header1 = [*columns, *(title for _, title, _ in TABLE1_SCORES)]
@@ -306,6 +337,7 @@ def summary_markdown(groups: Sequence[SeedGroup], skipped: Sequence[SkippedRun] 
                 f"## Training accuracy and gap of each run, {title}", "",
                 _markdown_table(["Run", "Recipe", "Seed", f"{split.capitalize()} acc (%)",
                                  "Train acc (%)", "Gap (points)"], per_run, 2), ""]
+        sections += _temperature_table(section, title)
         sections += _group_note([run for group in section for run in group.runs])
     missing = [run.name for group in groups
                for run, train in zip(group.runs, group.train_metrics) if train is None]
@@ -321,14 +353,17 @@ def _write_text(path: str, text: str) -> None:
 
 def write_report(runs: Sequence[Run], out_dir: str,
                  skipped: Sequence[SkippedRun] = (),
-                 train_metrics_file: str = "") -> list[str]:
+                 train_metrics_file: str = "",
+                 temperature_file: str = "") -> list[str]:
     """Writes the tables and figures of `runs` into `out_dir`.
 
     The tables end with the `skipped` runs (e.g. `FoundRuns.skipped`) and
     the reason each was left out. `summary.md` (`summary_markdown`) is
     written when some recipe has two or more runs or ``train_metrics_file``
     is given: the name of each run's training-split record, e.g.
-    ``metrics_train.json`` (see `seeds.read_train_metrics`).
+    ``metrics_train.json`` (see `seeds.read_train_metrics`), or
+    ``temperature_file``: the name of each run's temperature-scaling record,
+    e.g. ``temperatures_test.json`` (`seeds.read_temperature_records`).
 
     Everything is rendered into a temporary directory first and moved into
     `out_dir` (created if needed) only once complete, so a failure leaves
@@ -352,12 +387,13 @@ def write_report(runs: Sequence[Run], out_dir: str,
     # not as a training record that another run holds too.
     seeds.check_repeats(runs)
     train_metrics = seeds.read_train_metrics(runs, train_metrics_file)
-    groups = seeds.group_seeds(runs, train_metrics)
+    temperature_records = seeds.read_temperature_records(runs, temperature_file)
+    groups = seeds.group_seeds(runs, train_metrics, temperature_records)
     staging = tempfile.mkdtemp(prefix="selfkd-report-")
     try:
         _write_text(os.path.join(staging, "table1.md"), table1_markdown(runs, skipped))
         _write_text(os.path.join(staging, "table2.md"), table2_markdown(runs, skipped))
-        if train_metrics_file or any(group.n > 1 for group in groups):
+        if train_metrics_file or temperature_file or any(group.n > 1 for group in groups):
             _write_text(os.path.join(staging, "summary.md"),
                         summary_markdown(groups, skipped, train_metrics_file))
         plot_figure2(runs, os.path.join(staging, "figure2.png"))

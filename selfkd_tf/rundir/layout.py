@@ -33,7 +33,9 @@ RUN_FILES = (FLAGS_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE,
 
 SCORE_FILES = tuple(
     f"{stem}_{split}.{extension}"
-    for stem, extensions in (("metrics", ("json",)), ("early_exit", ("json", "png")))
+    for stem, extensions in (("metrics", ("json",)), ("early_exit", ("json", "png")),
+                             ("temperatures", ("json",)), ("calibrated_metrics", ("json",)),
+                             ("calibrated_early_exit", ("json", "png")))
     for split in ("test", "validation", "train") for extension in extensions)
 """What ``selfkd-eval`` writes beside the model by default: scores of the
 model the run held, so ``overwrite`` removes them with it (a report must

@@ -15,6 +15,8 @@ file, raised before anything is written:
 - `read_metrics`: a ``metrics.json`` record (training's, or
   ``selfkd-eval``'s ``metrics_<split>.json``) with every score of every
   exit, the ensemble and the reliability bins;
+- `read_temperatures`: a temperature-scaling record
+  (``temperatures_<split>.json``);
 - `read_history`: ``history.csv`` with an ``epoch`` column and well-formed
   rows (only the last may be cut short, as a kill leaves it).
 
@@ -172,7 +174,16 @@ def read_metrics(path: str) -> dict:
         RunDirectoryError: the file is unreadable (see `read_json`) or lacks
             part of the record; the message names the file and the part.
     """
-    record = read_json_object(path)
+    return check_metrics_record(read_json_object(path), path)
+
+
+def check_metrics_record(record: dict, path: str) -> dict:
+    """``record`` if it is a metrics record (see `read_metrics`).
+
+    Raises:
+        RunDirectoryError: it lacks part of the record; the message names
+            ``path`` (where it was read) and the part.
+    """
     missing = [key for key in (*_RECORD_NAMES, "methods", "exits", "ensemble",
                                "reliability") if key not in record]
     if missing:
@@ -202,6 +213,42 @@ def read_metrics(path: str) -> dict:
     lengths = [len(reliability[k]) for k in _RELIABILITY_KEYS]
     if lengths != [num_bins + 1, num_bins, num_bins, num_bins]:
         raise RunDirectoryError(f"{path}: 'reliability' lists have inconsistent lengths")
+    return record
+
+
+def read_temperatures(path: str) -> dict:
+    """A temperature record (``temperatures_<split>.json``, written by
+    ``selfkd-eval --fit_temperature``).
+
+    It holds ``temperatures``, one finite number > 0 per exit; ``fitted_on``
+    and ``reported_on``, each with the ``split`` name, the ``rows`` and their
+    ``num_examples``; and the metrics records ``before`` and ``after``
+    temperature scaling (see `check_metrics_record`) of as many exits.
+
+    Raises:
+        RunDirectoryError: the file is unreadable or not such a record.
+    """
+    record = read_json_object(path)
+    temperatures = record.get("temperatures")
+    if not (isinstance(temperatures, list) and temperatures
+            and all(_is_number(t) and t > 0 for t in temperatures)):
+        raise RunDirectoryError(
+            f"{path}: 'temperatures' must be a list of numbers > 0, one per exit")
+    for key in ("fitted_on", "reported_on"):
+        where = record.get(key)
+        if not (isinstance(where, dict) and isinstance(where.get("split"), str)
+                and isinstance(where.get("rows"), str)
+                and isinstance(where.get("num_examples"), int)):
+            raise RunDirectoryError(
+                f"{path}: '{key}' must name the split, rows and num_examples")
+    for key in ("before", "after"):
+        if not isinstance(record.get(key), dict):
+            raise RunDirectoryError(f"{path}: missing the metrics record '{key}'")
+        check_metrics_record(record[key], f"{path} ({key})")
+        if len(record[key]["exits"]) != len(temperatures):
+            raise RunDirectoryError(
+                f"{path}: {len(temperatures)} temperatures for "
+                f"{len(record[key]['exits'])} exits")
     return record
 
 

@@ -37,6 +37,7 @@ pixels; `selfkd_tf.serving.early_exit` measures its accuracy against its cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -62,6 +63,23 @@ def check_threshold(threshold: float) -> float:
     return value
 
 
+def check_temperatures(temperatures: Sequence[float] | None, num_exits: int
+                       ) -> tuple[float, ...] | None:
+    """The temperatures as floats, one per exit, or None; ValueError otherwise.
+
+    Raises:
+        ValueError: ``"temperatures: ..."``: not one per exit, or one that is
+            not a finite number > 0.
+    """
+    if temperatures is None:
+        return None
+    values = tuple(float(t) for t in temperatures)
+    if len(values) != num_exits or not all(math.isfinite(t) and t > 0 for t in values):
+        raise ValueError(f"temperatures: give {num_exits} finite numbers > 0, one per "
+                         f"exit; got {list(temperatures)}")
+    return values
+
+
 class EarlyExitCascade(tf.Module):
     """A multi-exit backbone as a confidence cascade that skips deeper stages.
 
@@ -71,6 +89,9 @@ class EarlyExitCascade(tf.Module):
             a `SelfKDModel`).
         threshold: the default confidence threshold ``T >= 0``.
         name: the module's name.
+        temperatures: optional, one per exit: exit ``k`` answers with
+            ``z_k / T_k`` (temperature scaling, `selfkd_tf.metrics.calibration`),
+            so the threshold applies to calibrated confidences.
 
     Call arguments:
         images: float32 ``[B, H, W, C]``, normalised as in training (the
@@ -96,7 +117,8 @@ class EarlyExitCascade(tf.Module):
             cannot cut.
     """
 
-    def __init__(self, backbone: keras.Model, threshold: float, name: str | None = None):
+    def __init__(self, backbone: keras.Model, threshold: float, name: str | None = None,
+                 temperatures: Sequence[float] | None = None):
         super().__init__(name=name)
         segments = exit_segments(backbone)
         self.stages = list(segments.stages)
@@ -104,6 +126,7 @@ class EarlyExitCascade(tf.Module):
         self.num_exits = len(self.stages)
         self.num_classes = int(backbone.output["logits"][-1].shape[-1])
         self.threshold = check_threshold(threshold)
+        self.temperatures = check_temperatures(temperatures, self.num_exits)
         self.stage_examples = tf.Variable(
             tf.zeros([self.num_exits], tf.int64), trainable=False, name="stage_examples")
 
@@ -131,6 +154,8 @@ class EarlyExitCascade(tf.Module):
             * tf.cast(tf.shape(features)[0], tf.int64))
         features = self.stages[k](features, training=False)
         logits = tf.cast(self.heads[k](features, training=False), tf.float32)
+        if self.temperatures is not None:
+            logits = logits / self.temperatures[k]
         all_logits, exit_ids = answers
         if k == self.num_exits - 1:
             where = rows[:, None]

@@ -23,15 +23,21 @@ channels is refused. Every export answers with
 - ``exit_ids`` (cascade only): int32 ``[batch]``, the 1-based exit that
   answered.
 
+With ``temperatures`` (temperature scaling, fitted by ``selfkd-eval
+--fit_temperature``) every exit's logits are divided by its temperature
+before anything else, so the probabilities are calibrated.
+
 Signatures: ``serving_default`` (float32 ``images``), ``serve_uint8``
-(uint8 ``images``) and ``classes`` (no input: every class name, in class-id
-order). A cascade also has ``serve_with_threshold`` and
+(uint8 ``images``), ``classes`` (no input: every class name, in class-id
+order) and ``calibration`` (no input: the temperatures, 1 for every exit
+when none were given, and ``fitted_on``, what they were fitted on). A
+cascade also has ``serve_with_threshold`` and
 ``serve_uint8_with_threshold`` (``images`` and a float32 scalar
 ``threshold``; one that is negative, NaN or infinite fails the call with
 ``InvalidArgumentError``) and ``stage_examples`` (no input: how many
 examples each stage has run on since loading). The loaded object has the functions
 ``serve``, ``serve_uint8`` (a cascade's take an optional ``threshold``),
-``classes`` and, for a cascade, ``stage_examples``.
+``classes``, ``calibration`` and, for a cascade, ``stage_examples``.
 
 Example:
 
@@ -64,7 +70,7 @@ from selfkd_tf.data.sources.arrays import resize_uint8
 from selfkd_tf.files import check_creatable, is_within
 from selfkd_tf.models.costs import count_flops, count_parameters, exit_costs
 from selfkd_tf.models.multi_exit import ENSEMBLE, exit_model
-from selfkd_tf.serving.cascade import EarlyExitCascade, check_threshold
+from selfkd_tf.serving.cascade import EarlyExitCascade, check_temperatures, check_threshold
 
 CASCADE = "cascade"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -109,6 +115,7 @@ class ExportSummary:
     training_flops: int
     threshold: float | None = None
     exit_flops: tuple[int, ...] | None = None
+    temperatures: tuple[float, ...] | None = None
 
     def table(self) -> str:
         """The export's parameters and FLOPs next to the training model's."""
@@ -253,6 +260,8 @@ def export_saved_model(
     overwrite: bool = False,
     threshold: float | None = None,
     class_names: Sequence[str] | None = None,
+    temperatures: Sequence[float] | None = None,
+    calibration: str = "",
 ) -> ExportSummary:
     """Writes a SavedModel serving a classifier of ``model`` to ``path``.
 
@@ -269,6 +278,14 @@ def export_saved_model(
             required with ``exit="cascade"`` and refused otherwise.
         class_names: one name per class, in class-id order; default
             ``"0"``, ``"1"``, ...
+        temperatures: optional, one per exit (temperature scaling,
+            `selfkd_tf.metrics.calibration`): exit ``k`` serves
+            ``z_k / T_k`` as its logits and their softmax as its
+            probabilities; the ensemble averages the scaled exits, the
+            cascade compares the threshold with the scaled confidences.
+        calibration: what the temperatures were fitted on, e.g. ``"test
+            split, stratified half 1 of 2 (seed 0), 5000 examples"``; the
+            ``calibration`` signature returns it.
 
     Returns:
         An `ExportSummary`.
@@ -281,10 +298,11 @@ def export_saved_model(
     """
     exit = check_export_arguments(model, path, exit, overwrite, threshold)  # noqa: A001
     names = _check_class_names(class_names, model.num_classes)
+    temperatures = check_temperatures(temperatures, model.num_exits)
     normalize = raw_pixel_normalizer(model)
     archive = keras.export.ExportArchive()
     if exit == CASCADE:
-        cascade = EarlyExitCascade(model.backbone, threshold)
+        cascade = EarlyExitCascade(model.backbone, threshold, temperatures=temperatures)
         _add_cascade_endpoints(archive, cascade, normalize, tf.constant(names))
         costs = exit_costs(model.backbone)
         exit_flops = tuple(costs.cascade_exit(k) for k in range(1, model.num_exits + 1))
@@ -292,16 +310,23 @@ def export_saved_model(
         threshold = cascade.threshold
     else:
         network = exit_model(model.backbone, exit)
-        _add_classifier_endpoints(archive, network, normalize, tf.constant(names))
+        served = range(model.num_exits) if exit == ENSEMBLE else [exit - 1]
+        scales = None if temperatures is None else [temperatures[k] for k in served]
+        _add_classifier_endpoints(archive, network, normalize, tf.constant(names), scales)
         flops, exit_flops = count_flops(network), None
     archive.track(network)
     archive.add_endpoint("classes", lambda: tf.constant(names), input_signature=[])
+    served_temperatures = tf.constant(temperatures or (1.0,) * model.num_exits, tf.float32)
+    fitted_on = tf.constant(calibration if temperatures else "not temperature-scaled")
+    archive.add_endpoint(
+        "calibration", lambda: {"temperatures": served_temperatures, "fitted_on": fitted_on},
+        input_signature=[])
     _write_replacing(archive, path, overwrite)
     return ExportSummary(
         path=path, exit=exit, params=count_parameters(network), flops=flops,
         training_params=count_parameters(model.backbone),
         training_flops=count_flops(model.backbone),
-        threshold=threshold, exit_flops=exit_flops,
+        threshold=threshold, exit_flops=exit_flops, temperatures=temperatures,
     )
 
 
@@ -353,10 +378,12 @@ def _answer(probabilities, logits, names) -> dict[str, tf.Tensor]:
             "class_names": tf.gather(names, class_ids)}
 
 
-def _add_classifier_endpoints(archive, network, normalize, names) -> None:
+def _add_classifier_endpoints(archive, network, normalize, names, temperatures) -> None:
     def serve(images):
         outputs = network(normalize(images), training=False)
         logits = [tf.cast(z, tf.float32) for z in tf.nest.flatten(outputs)]
+        if temperatures is not None:
+            logits = [z / t for z, t in zip(logits, temperatures)]
         if len(logits) == 1:
             return _answer(tf.nn.softmax(logits[0]), logits[0], names)
         probabilities = tf.add_n([tf.nn.softmax(z) for z in logits]) / len(logits)
