@@ -46,10 +46,10 @@ passes = {
     "batch/uint8": lambda: cascade.serve_uint8(tf.constant(images)),
     "single/float": lambda: one_by_one(cascade.serve, floats),
     "single/uint8": lambda: one_by_one(cascade.serve_uint8, tf.constant(images)),
-    "signature/uint8": lambda: cascade.signatures["serve_uint8"](images=tf.constant(images)),
+    "signature/uint8": lambda: cascade.signatures["serve_uint8"](pixels_0_to_255=tf.constant(images)),
     "t0/float": lambda: cascade.serve(floats, threshold=0.0),
     "above1/float": lambda: cascade.signatures["serve_with_threshold"](
-        images=floats, threshold=tf.constant(1.5)),
+        pixels_0_to_255=floats, threshold=tf.constant(1.5)),
 }
 for name, run in passes.items():
     before = cascade.stage_examples().numpy()
@@ -242,9 +242,9 @@ def test_served_cascade_refuses_a_bad_threshold_per_call(served, images):
         "serve": lambda t: cascade.serve(floats, threshold=t),
         "serve_uint8": lambda t: cascade.serve_uint8(uint8, threshold=t),
         "serve_with_threshold": lambda t: cascade.signatures["serve_with_threshold"](
-            images=floats, threshold=tf.constant(t)),
+            pixels_0_to_255=floats, threshold=tf.constant(t)),
         "serve_uint8_with_threshold": lambda t: cascade.signatures[
-            "serve_uint8_with_threshold"](images=uint8, threshold=tf.constant(t)),
+            "serve_uint8_with_threshold"](pixels_0_to_255=uint8, threshold=tf.constant(t)),
     }
     for name, call in calls.items():
         before = cascade.stage_examples().numpy()

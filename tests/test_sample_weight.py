@@ -131,7 +131,11 @@ def test_evaluation_weighs_its_loss_over_every_example():
     logits = model.predict(images, verbose=0)["logits"][-1].astype(np.float64)
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -log_p[np.arange(n), labels]
-    assert scores["loss"] == pytest.approx(np.sum(weights * nll) / n, rel=1e-5)
+    # The deepest exit's cross-entropy with the labels, over every example;
+    # the loss adds the other terms, weighted alike.
+    assert scores["ce"] == pytest.approx(np.sum(weights * nll) / n, rel=1e-5)
+    assert scores["loss"] == pytest.approx(scores["ce"] + scores["byot"] + scores["dmfl"],
+                                           rel=1e-5)
     assert scores["exit2_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
     arrays = model.evaluate(_inputs(images), labels, sample_weight=weights,
                             batch_size=BATCH, return_dict=True, verbose=0)

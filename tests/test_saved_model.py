@@ -36,7 +36,7 @@ for i, path in enumerate(paths):
     for name, outputs in [
         ("float", served.serve(tf.constant(images, tf.float32))),
         ("uint8", served.serve_uint8(tf.constant(images))),
-        ("single", default(images=tf.constant(images[:1], tf.float32))),
+        ("single", default(pixels_0_to_255=tf.constant(images[:1], tf.float32))),
     ]:
         for key, value in outputs.items():
             value = value.numpy()
@@ -147,14 +147,20 @@ def test_other_image_sizes_are_resized_as_the_training_data_were(model, tmp_path
     probs, logits = _expected(model, resized, 3)
     served = tf.saved_model.load(
         export.export_saved_model(model, str(tmp_path / "served")).path)
-    for outputs in (served.serve(tf.constant(large, tf.float32)), served.serve_uint8(large)):
+    for outputs in (served.serve_any_size(tf.constant(large, tf.float32)),
+                    served.serve_any_size_uint8(large)):
         np.testing.assert_allclose(outputs["logits"], logits, atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(outputs["class_ids"], probs.argmax(-1))
-    # Images of the model's own size pass untouched.
-    np.testing.assert_allclose(served.serve_uint8(resized)["logits"], logits, atol=1e-5)
-    # Another number of channels is refused, naming the expected shape.
+    # Images of the model's own size pass untouched, by either signature.
+    for serve in (served.serve_uint8, served.serve_any_size_uint8):
+        np.testing.assert_allclose(serve(resized)["logits"], logits, atol=1e-5)
+    # The default signatures take the model's size only (TFLite cannot
+    # convert the resize), and every signature refuses another number of
+    # channels, naming the expected shape.
+    with pytest.raises((ValueError, TypeError), match=r"\(None, 16, 16, 3\)"):
+        served.serve(tf.constant(large, tf.float32))
     with pytest.raises((ValueError, TypeError), match=r"\(None, None, None, 3\)"):
-        served.serve(tf.zeros([1, 28, 28, 1]))
+        served.serve_any_size(tf.zeros([1, 28, 28, 1]))
 
 
 def test_export_command_reports_params_and_flops(model, tmp_path):

@@ -178,7 +178,7 @@ def test_evaluate_reports_every_exit_and_the_ensemble():
     images, labels = learnable_arrays(32, NUM_CLASSES)
     model = _compile(_model(n=32, num_stages=3))
     results = model.evaluate(indexed_dataset(images, labels, 16), return_dict=True, verbose=0)
-    assert set(results) == {"loss", "exit1_accuracy", "exit2_accuracy",
+    assert set(results) == {"loss", "ce", "byot", "dmfl", "exit1_accuracy", "exit2_accuracy",
                             "exit3_accuracy", "ensemble_accuracy"}
     # Plain image input works for evaluation and prediction.
     plain = model.evaluate(images, labels, batch_size=16, return_dict=True, verbose=0)

@@ -31,7 +31,10 @@ Epochs of the training dataset:
 
 - `epochs=N`: one dataset holding epochs `initial_epoch, ..., N - 1` back to
   back, `steps_per_epoch` batches each. Keras must then keep one iterator
-  across epochs, which it does when `steps_per_epoch` is given:
+  across epochs, which it does when `steps_per_epoch` is given; the dataset
+  carries them (`EpochRange`, its ``epoch_range``), and `SelfKDModel.fit`
+  takes ``steps_per_epoch`` from it when it is left out, and refuses other
+  ``epochs`` than the dataset's:
 
   ```python
   train, val, info = make_datasets("cifar100", epochs=200)
@@ -96,6 +99,28 @@ _CROP_PADDING = 4
 
 # Distinct streams of the stateless TF generator, per epoch.
 _ORDER_STREAM, _CROP_STREAM, _FLIP_STREAM = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochRange:
+    """The epochs a training dataset built with ``epochs=N`` holds back to back.
+
+    `make_datasets` sets it as the training dataset's ``epoch_range``;
+    `selfkd_tf.distillation.model.SelfKDModel.fit` reads it, so that a
+    ``fit`` without ``steps_per_epoch`` takes one epoch per epoch (Keras
+    would take the whole dataset, all ``N`` epochs, as each one), and a
+    ``fit`` over other epochs than the dataset holds is refused. A dataset
+    transformed further (``.map``, ``.take``, ...) no longer carries it.
+
+    Attributes:
+        initial_epoch: the first epoch (0-based).
+        epochs: one past the last epoch: ``fit``'s ``epochs``.
+        steps_per_epoch: batches of every epoch.
+    """
+
+    initial_epoch: int
+    epochs: int
+    steps_per_epoch: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +333,8 @@ def make_datasets(
         epochs=epochs,
         initial_epoch=initial_epoch,
     )
+    if epochs is not None:
+        train.epoch_range = EpochRange(initial_epoch, epochs, info.steps_per_epoch)
     evaluation = _eval_dataset(
         _batch_builder(x_eval, y_eval, mean, std), len(y_eval), batch_size
     )

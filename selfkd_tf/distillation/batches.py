@@ -40,14 +40,19 @@ def _one_per_example(values: tf.Tensor, name: str, what: str) -> tf.Tensor:
         values = values[:, 0]
     if values.shape.rank != 1:
         raise ValueError(
-            f"{name}: SelfKDModel takes one {what} per example, shape [B] or "
+            f"{name}: one {what} per example, shape [B] or "
             f"[B, 1]; got shape {values.shape}."
         )
     return values
 
 
 def class_ids(labels) -> tf.Tensor | None:
-    """Labels as class ids ``[B]``; ``[B, 1]`` is squeezed; ``None`` stays.
+    """Labels as int32 class ids ``[B]``; ``[B, 1]`` is squeezed; ``None`` stays.
+
+    Integer labels of any width and whole-number float labels are taken
+    (``[1., 2.]`` as ``Keras`` metrics take them); a float label with a
+    fraction fails the step (`tf.errors.InvalidArgumentError`) instead of
+    being truncated to another class.
 
     Raises:
         ValueError: for any other shape, e.g. one-hot ``[B, C]`` labels,
@@ -56,19 +61,45 @@ def class_ids(labels) -> tf.Tensor | None:
     """
     if labels is None:
         return None
-    return _one_per_example(tf.convert_to_tensor(labels), "labels", "class id")
+    labels = _one_per_example(tf.convert_to_tensor(labels), "labels", "class id")
+    if labels.dtype.is_floating:
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                labels, tf.round(labels),
+                message="labels: class ids must be whole numbers")]):
+            labels = tf.identity(labels)
+    return tf.cast(labels, tf.int32)
 
 
-def per_example_weights(sample_weight) -> tf.Tensor | None:
+def check_class_ids(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """``labels`` (int ``[B]``) once checked to lie in ``[0, num_classes)``.
+
+    Checked on every device: on a GPU an out-of-range id gives no error of
+    its own (`tf.one_hot` an all-zero row, a loss of 0; a sparse
+    cross-entropy NaN).
+
+    Raises:
+        tf.errors.InvalidArgumentError: when run, if an id is out of range.
+    """
+    message = f"labels: class ids must be in [0, {num_classes})"
+    checks = [tf.debugging.assert_non_negative(labels, message=message),
+              tf.debugging.assert_less(labels, tf.cast(num_classes, labels.dtype),
+                                       message=message)]
+    with tf.control_dependencies(checks):
+        return tf.identity(labels)
+
+
+def per_example_weights(sample_weight, name: str = "sample_weight") -> tf.Tensor | None:
     """Sample weights as float32 ``[B]``; ``[B, 1]`` is squeezed; ``None`` stays.
+
+    ``name`` is the argument a refusal names (e.g. ``teacher_valid``, a 0/1
+    weight per example).
 
     Raises:
         ValueError: for any other shape (e.g. per-class weights ``[B, C]``).
     """
     if sample_weight is None:
         return None
-    return _one_per_example(
-        tf.cast(sample_weight, tf.float32), "sample_weight", "weight")
+    return _one_per_example(tf.cast(sample_weight, tf.float32), name, "weight")
 
 
 def class_weight_for(class_weight, num_classes: int) -> dict[int, float] | None:

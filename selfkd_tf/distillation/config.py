@@ -142,6 +142,21 @@ class SelfKDConfig:
         """Whether the shallow exits learn: BYOT or deep supervision."""
         return self.uses("byot") or self.uses("ds")
 
+    def check_num_exits(self, num_exits: int) -> None:
+        """Refuses methods that need shallow exits on a network without any.
+
+        BYOT, deep supervision and DMFL compare each shallow exit with the
+        deepest; with one exit they would be empty (DMFL a 0 / 0).
+
+        Raises:
+            ValueError: ``"methods: ..."``, one line.
+        """
+        needing = [m for m in self.methods if m in ("byot", "ds", "dmfl")]
+        if num_exits < 2 and needing:
+            raise ValueError(
+                f"methods: {', '.join(needing)} compare shallow exits with the deepest; "
+                f"a network with {num_exits} exit has none (use pskd or ls, or none)")
+
     def shallow_byot_exits(self, num_exits: int) -> tuple[int, ...]:
         """The 1-based shallow exits that get BYOT (or deep supervision)
         terms, checked against N."""

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from selfkd_tf.distillation import batches
 from selfkd_tf.distillation.config import DMFL_GRADIENTS, SelfKDConfig
 from selfkd_tf.distillation.pskd import soft_targets
 
@@ -87,6 +88,36 @@ def _weighted_sum(values: tf.Tensor, sample_weight: tf.Tensor | None = None) -> 
     return tf.reduce_sum(values)
 
 
+def _weighted_mean(values: tf.Tensor, sample_weight: tf.Tensor | None,
+                   global_batch_size) -> tf.Tensor:
+    """``sum_j w_j values_j / B``; 0 for a batch of no example (0 / 0)."""
+    return tf.math.divide_no_nan(_weighted_sum(values, sample_weight),
+                                 tf.cast(global_batch_size, tf.float32))
+
+
+def _exit_outputs(name: str, tensors: Sequence[tf.Tensor], minimum: int = 1
+                  ) -> list[tf.Tensor]:
+    """``tensors`` as float32, checked to be ``[B, n]`` each, at least ``minimum``.
+
+    Raises:
+        ValueError: not a list of at least ``minimum`` rank-2 tensors of one
+            width and one batch size (where the shapes are known).
+    """
+    if isinstance(tensors, (tf.Tensor, dict)) or not isinstance(tensors, Sequence):
+        raise ValueError(f"{name}: a list of one [B, n] tensor per exit, shallowest "
+                         f"first; got {type(tensors).__name__}")
+    tensors = [tf.cast(t, tf.float32) for t in tensors]
+    if len(tensors) < minimum:
+        raise ValueError(f"{name}: needs at least {minimum} exits (every shallow exit is "
+                         f"compared with the deepest); got {len(tensors)}")
+    shapes = [t.shape for t in tensors]
+    if any(s.rank != 2 for s in shapes) or len({s[-1] for s in shapes}) > 1 or len(
+            {s[0] for s in shapes if s[0] is not None}) > 1:
+        raise ValueError(f"{name}: every exit's tensor must be [B, n] with the same B and "
+                         f"n; got shapes {[tuple(s) for s in shapes]}")
+    return tensors
+
+
 def byot_terms(
     logits: Sequence[tf.Tensor],
     features: Sequence[tf.Tensor],
@@ -112,15 +143,23 @@ def byot_terms(
         config: the settings (``byot_alpha``, ``byot_lambda``,
             ``temperature``, ``byot_exits``).
         global_batch_size: number of examples the averages divide by.
-        sample_weight: optional ``[B]`` per-example weights (see the module
-            docstring); they scale each example's CE, KL and hint.
+        sample_weight: optional ``[B]`` (or ``[B, 1]``) per-example weights
+            (see the module docstring); they scale each example's CE, KL and
+            hint.
         distill: whether the KL and hint terms are on (BYOT) or 0 (deep
             supervision).
 
     Returns:
         ``{"byot_ce", "byot_kl", "byot_hint"}`` scalars; their sum is
         ``L_SelfKD``.
+
+    Raises:
+        ValueError: logits or features that are not lists of ``[B, n]``
+            tensors, or weights of another shape than ``[B]``/``[B, 1]``.
     """
+    logits = _exit_outputs("logits", logits)
+    features = _exit_outputs("features", features)
+    sample_weight = batches.per_example_weights(sample_weight)
     alpha, temperature = config.byot_alpha, config.temperature
     teacher_logits = tf.stop_gradient(logits[-1]) / temperature
     teacher_feature = tf.stop_gradient(features[-1])
@@ -133,9 +172,9 @@ def byot_terms(
             kl += kl_divergence(teacher_logits, logits[i - 1] / temperature)
             hint += tf.reduce_sum(tf.square(features[i - 1] - teacher_feature), axis=-1)
     return {
-        "byot_ce": (1.0 - alpha) * _weighted_sum(ce, sample_weight) / global_batch_size,
-        "byot_kl": alpha * temperature**2 * _weighted_sum(kl, sample_weight)
-        / global_batch_size,
+        "byot_ce": (1.0 - alpha) * _weighted_mean(ce, sample_weight, global_batch_size),
+        "byot_kl": alpha * temperature**2 * _weighted_mean(kl, sample_weight,
+                                                           global_batch_size),
         # Summed, not averaged, over the batch: the published lambda assumes it.
         "byot_hint": config.byot_lambda * _weighted_sum(hint, sample_weight),
     }
@@ -160,16 +199,24 @@ def dmfl_loss(
         gradient: ``"mutual"`` or ``"none"``.
         global_batch_size: what the batch average divides by (default: the
             local batch size).
-        sample_weight: optional ``[B]`` per-example weights; each example's
+        sample_weight: optional ``[B]`` (or ``[B, 1]``) per-example weights; each example's
             summed KLs are scaled by its weight.
 
     Returns:
-        A scalar.
+        A scalar; 0 for a batch of no example.
+
+    Raises:
+        ValueError: fewer than 2 features (DMFL compares shallow exits with
+            the deepest), features that are not ``[B, D]`` tensors, weights
+            of another shape than ``[B]``/``[B, 1]``, or an unknown
+            ``gradient``.
     """
     if gradient not in DMFL_GRADIENTS:
         raise ValueError(
             f"dmfl_gradient: got {gradient!r}; allowed: {', '.join(DMFL_GRADIENTS)}."
         )
+    features = _exit_outputs("features", features, minimum=2)
+    sample_weight = batches.per_example_weights(sample_weight)
     deepest = features[-1]
     if global_batch_size is None:
         global_batch_size = tf.cast(tf.shape(deepest)[0], deepest.dtype)
@@ -177,7 +224,7 @@ def dmfl_loss(
     for shallow in features[:-1]:
         total += kl_divergence(tf.stop_gradient(shallow), deepest)
         total += kl_divergence(tf.stop_gradient(deepest), shallow)
-    loss = _weighted_sum(total, sample_weight) / global_batch_size / (len(features) - 1)
+    loss = _weighted_mean(total, sample_weight, global_batch_size) / (len(features) - 1)
     return tf.stop_gradient(loss) if gradient == "none" else loss
 
 
@@ -198,7 +245,8 @@ def selfkd_loss(
     Args:
         logits: N tensors ``[B, C]``, shallowest to deepest.
         features: N tensors ``[B, D]``.
-        labels: int ``[B]``.
+        labels: class ids ``[B]`` or ``[B, 1]`` (integers, or whole-number
+            floats), as `SelfKDModel` takes them.
         config: which methods are on and their hyperparameters.
         teacher_probs: ``[B, C]`` stored previous-epoch predictions for these
             samples (used only with ``"pskd"``).
@@ -207,7 +255,7 @@ def selfkd_loss(
             prediction.
         global_batch_size: what batch averages divide by; default the local
             batch size. Under ``tf.distribute`` pass the global batch size.
-        sample_weight: optional ``[B]`` per-example weights, applied to every
+        sample_weight: optional ``[B]`` (or ``[B, 1]``) per-example weights, applied to every
             term as the module docstring describes; ``None`` weighs every
             example 1.
 
@@ -215,7 +263,16 @@ def selfkd_loss(
         A dict of scalars: ``"ce"``, ``"byot"`` (with its parts
         ``"byot_ce"``, ``"byot_kl"``, ``"byot_hint"``; deep supervision's
         cross-entropies under ``"byot_ce"``), ``"dmfl"`` and ``"total"``.
-        Terms of disabled methods are 0.
+        Terms of disabled methods are 0; every term is 0 for a batch of no
+        example.
+
+    Raises:
+        ValueError: logits or features that are not lists of one ``[B, n]``
+            tensor per exit, labels or weights of another shape than
+            ``[B]``/``[B, 1]`` (one-hot labels), or methods that need
+            shallow exits on a network with one exit.
+        tf.errors.InvalidArgumentError: when run, a class id outside
+            ``[0, C)`` or a float label with a fraction.
 
     Example:
 
@@ -225,8 +282,14 @@ def selfkd_loss(
     >>> round(float(terms["ce"]), 4)  # log(3)
     1.0986
     """
-    logits = [tf.cast(z, tf.float32) for z in logits]
-    features = [tf.cast(f, tf.float32) for f in features]
+    logits = _exit_outputs("logits", logits)
+    features = _exit_outputs("features", features)
+    if len(logits) != len(features):
+        raise ValueError(f"features: one per exit; got {len(features)} for "
+                         f"{len(logits)} exits")
+    config.check_num_exits(len(logits))
+    labels = batches.class_ids(labels)
+    sample_weight = batches.per_example_weights(sample_weight)
     if global_batch_size is None:
         global_batch_size = tf.cast(tf.shape(labels)[0], tf.float32)
     num_classes = logits[-1].shape[-1]
@@ -239,8 +302,8 @@ def selfkd_loss(
 
     zero = tf.constant(0.0)
     terms = {
-        "ce": _weighted_sum(soft_cross_entropy(logits[-1], targets), sample_weight)
-        / global_batch_size,
+        "ce": _weighted_mean(soft_cross_entropy(logits[-1], targets), sample_weight,
+                             global_batch_size),
         "byot_ce": zero,
         "byot_kl": zero,
         "byot_hint": zero,

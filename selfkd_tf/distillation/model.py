@@ -24,6 +24,7 @@ and restored with the weights (`.keras`, `.weights.h5`, checkpoints):
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from selfkd_tf.distillation import batches
@@ -37,6 +38,17 @@ from selfkd_tf.distribution import replicas
 from selfkd_tf import models  # noqa: F401
 from selfkd_tf.models.multi_exit import check_multi_exit
 from selfkd_tf.distribution.multiworker import MultiWorkerTrainer, in_multi_worker_mode
+
+
+def _holds_no_example(x) -> bool:
+    """Whether ``x`` (arrays, tensors, a dict of them, a dataset of known
+    length) is known to hold no example."""
+    if isinstance(x, tf.data.Dataset):
+        return int(x.cardinality()) == 0
+    if isinstance(x, dict):
+        x = x.get("image")
+    shape = getattr(x, "shape", None)
+    return shape is not None and len(shape) > 0 and shape[0] == 0
 
 
 @keras.saving.register_keras_serializable(package="selfkd_tf")
@@ -82,14 +94,18 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
     batch norm each replica normalises its own part, and the replicas'
     moving statistics are pooled after every step.
 
-    Logged metrics: ``loss`` (the total objective), ``ce``, ``byot``,
-    ``dmfl``, ``alpha_t``, ``lr``, ``exit{i}_accuracy`` for every exit and
-    ``ensemble_accuracy`` (mean of the exits' probabilities). ``lr`` is the
-    rate the step applied and ``alpha_t`` the teacher's weight it applied:
-    ``a_t`` times the share of the batch with a stored prediction, so 0 in
-    epoch 0, whose targets are one-hot. An epoch's value is its last
-    step's. Evaluation reports ``loss`` (deepest exit's cross-entropy with
-    the hard labels) and the accuracies.
+    Metrics (``model.metrics_names``, in this order): ``loss`` (the total
+    objective), ``ce``, ``byot``, ``dmfl``, ``exit{i}_accuracy`` for every
+    exit and ``ensemble_accuracy`` (mean of the exits' probabilities);
+    training also logs ``alpha_t`` and ``lr``. ``lr`` is the rate the step
+    applied and ``alpha_t`` the teacher's weight it applied: ``a_t`` times
+    the share of the batch with a stored prediction, so 0 in epoch 0, whose
+    targets are one-hot; an epoch's value is its last step's. Evaluation
+    reports every metric, so ``evaluate`` returns one value per name: the
+    loss terms are the objective's with the labels as the targets (the
+    PS-KD teacher exists for training samples only; with label smoothing,
+    the smoothed labels), averaged over every example; ``ce`` is then the
+    deepest exit's cross-entropy with the labels, its NLL.
 
     Example:
 
@@ -118,6 +134,11 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         self.selfkd_config = config or SelfKDConfig()
         self.backbone = backbone
         self.num_exits, self.num_classes, _ = check_multi_exit(backbone)
+        if self.num_classes < 2:
+            raise ValueError(
+                f"backbone: a classifier needs at least 2 classes; its logits have "
+                f"{self.num_classes}")
+        self.selfkd_config.check_num_exits(self.num_exits)
         self.selfkd_config.shallow_byot_exits(self.num_exits)  # validates
         if weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0; got {weight_decay}.")
@@ -214,6 +235,21 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         becomes per-example weights (Keras's conversion); classes it leaves
         out weigh 1.
 
+        Epochs are checked against what was planned for them: a training
+        dataset of `selfkd_tf.data.make_datasets` built with ``epochs=N``
+        holds all its epochs back to back, so without ``steps_per_epoch``
+        Keras would take all of them as every epoch; it then gives
+        ``steps_per_epoch`` (its ``epoch_range``), and ``epochs`` or
+        ``initial_epoch`` other than the dataset's are refused. An optimizer
+        of `selfkd_tf.optimizers.make_optimizer` with a schedule spans a
+        number of epochs and steps (``schedule_span``): other ``epochs``, or
+        another number of steps per epoch than ``fit`` takes from the data
+        (the dataset's cardinality when ``steps_per_epoch`` is left out), are
+        refused, since the learning rate would follow another schedule (a
+        cosine schedule would reach 0 early). In several ``fit`` calls,
+        pass ``SoftTargetRefresh(epochs=T)`` so PS-KD's ``a_t`` spans all
+        ``T`` epochs.
+
         Raises:
             ValueError: if compiled with ``jit_compile=True`` under a
                 strategy with several replicas: Keras compiles the step of
@@ -225,7 +261,9 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
                 synchronised layers' all-reduce needs, nor run it, which
                 gives the per-replica layers NaN statistics); if
                 ``class_weight`` is not a mapping from class ids in
-                ``[0, num_classes)`` to finite weights >= 0.
+                ``[0, num_classes)`` to finite weights >= 0; if the epochs
+                or steps differ from the dataset's or the schedule's (see
+                above).
         """
         num_replicas = self.distribute_strategy.num_replicas_in_sync
         if num_replicas > 1 and getattr(self, "jit_compile", False):
@@ -242,6 +280,10 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
                 "cannot train on uneven batches; synchronize all of them or none."
             )
         class_weight = batches.class_weight_for(class_weight, self.num_classes)
+        if _holds_no_example(x):
+            raise ValueError("x: no example to train on")
+        kwargs["steps_per_epoch"] = self._planned_steps(
+            x, epochs, kwargs.get("initial_epoch", 0), kwargs.get("steps_per_epoch"))
         callbacks = list(callbacks or [])
         if self.selfkd_config.uses("pskd"):
             refresh = [c for c in callbacks if isinstance(c, pskd.SoftTargetRefresh)]
@@ -257,6 +299,80 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         return super().fit(x, y, batch_size=batch_size, epochs=epochs,
                            verbose=verbose, callbacks=callbacks,
                            class_weight=class_weight, **kwargs)
+
+    def _planned_steps(self, x, epochs: int, initial_epoch: int,
+                       steps_per_epoch: int | None) -> int | None:
+        """``fit``'s ``steps_per_epoch``, checked against the data's and the
+        optimizer's plans (see `fit`)."""
+        span = getattr(x, "epoch_range", None)
+        if span is not None:
+            if (initial_epoch, epochs) != (span.initial_epoch, span.epochs):
+                raise ValueError(
+                    f"epochs: the dataset holds epochs {span.initial_epoch + 1}.."
+                    f"{span.epochs} back to back (make_datasets(epochs={span.epochs}, "
+                    f"initial_epoch={span.initial_epoch})); fit it with epochs={span.epochs},"
+                    f" initial_epoch={span.initial_epoch}; got epochs={epochs}, "
+                    f"initial_epoch={initial_epoch}")
+            if steps_per_epoch is None:
+                steps_per_epoch = span.steps_per_epoch
+                self._check_schedule(epochs, steps_per_epoch, "the dataset's epochs")
+                return steps_per_epoch
+        elif steps_per_epoch is None and isinstance(x, tf.data.Dataset):
+            whole = int(x.cardinality())
+            if whole > 0:
+                self._check_schedule(
+                    epochs, whole, "the whole dataset as every epoch, since "
+                    "steps_per_epoch was left out")
+                return None
+        self._check_schedule(epochs, None, "")
+        return steps_per_epoch
+
+    def _check_schedule(self, epochs: int, steps: int | None, source: str) -> None:
+        """Refuses ``epochs`` of ``steps`` steps (None: not compared) that the
+        optimizer's schedule does not span."""
+        span = getattr(getattr(self, "optimizer", None), "schedule_span", None)
+        if span is None:
+            return
+        planned_epochs, planned_steps = span
+        if epochs != planned_epochs:
+            raise ValueError(
+                f"epochs: the optimizer's learning-rate schedule spans {planned_epochs} "
+                f"epochs (make_optimizer(epochs={planned_epochs})); fit got epochs={epochs}")
+        if steps is not None and steps != planned_steps:
+            raise ValueError(
+                f"steps_per_epoch: the optimizer's learning-rate schedule spans "
+                f"{planned_steps} steps per epoch (make_optimizer(steps_per_epoch="
+                f"{planned_steps})); fit would take {steps} ({source}); pass "
+                f"steps_per_epoch={planned_steps}")
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`; data without an example is refused.
+
+        Keras would return no value at all (``[]``), against the
+        `metrics_names` a caller zips the values with.
+
+        Raises:
+            ValueError: ``x`` holds no example (``"x: no example to
+                evaluate"``), also found once the data are read.
+        """
+        if _holds_no_example(x):
+            raise ValueError("x: no example to evaluate")
+        results = super().evaluate(x, y, *args, **kwargs)
+        if results == [] or results == {}:
+            raise ValueError("x: no example to evaluate")
+        return results
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`; data without an example give outputs without rows.
+
+        Keras fails on them (``UnboundLocalError``). Each output then has the
+        backbone's shape with 0 rows: ``{"logits": [[0, C], ...], "features":
+        [[0, D], ...]}``.
+        """
+        if _holds_no_example(x):
+            return tf.nest.map_structure(
+                lambda t: np.zeros([0, *t.shape[1:]], t.dtype), self.backbone.output)
+        return super().predict(x, *args, **kwargs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras builds the model from the mean of the replicas' parts of the
@@ -295,14 +411,16 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
     def _forward(self, images: tf.Tensor, training: bool):
         """Outputs of this replica's examples, which may be none.
 
-        An empty share skips the network (see `replicas.forward_unless_empty`)
-        unless synchronised batch norm needs this replica in its training
-        all-reduces; then the network's layers must cope with an empty batch,
-        as `selfkd_tf.models.primitives`' do.
+        An empty batch skips the network (see `replicas.forward_unless_empty`):
+        in evaluation and prediction always (TensorFlow's oneDNN kernels fail
+        on it even on one device: ``predict_on_batch`` of no image), in
+        training on a replica of several, unless synchronised batch norm needs
+        this replica in its all-reduces; then the network's layers must cope
+        with an empty batch, as `selfkd_tf.models.primitives`' do.
         """
         forward = lambda: self(images, training=training)  # noqa: E731
-        if (tf.distribute.get_replica_context().num_replicas_in_sync == 1
-                or training and replicas.has_synchronized_batch_norm(self.backbone)):
+        if training and (tf.distribute.get_replica_context().num_replicas_in_sync == 1
+                         or replicas.has_synchronized_batch_norm(self.backbone)):
             return forward()
         return replicas.forward_unless_empty(
             forward, tf.shape(images)[0], self.backbone.output)
@@ -388,23 +506,43 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
     def test_step(self, data):
         images, _, labels, sample_weight = batches.unpack(data)
         outputs = self._forward(images, training=False)
-        deepest = tf.cast(outputs["logits"][-1], tf.float32)
-        # Per example, so the mean runs over every replica's examples.
-        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            tf.cast(labels, tf.int32), deepest
-        )
-        if sample_weight is not None:
-            nll = nll * sample_weight
-        self.loss_tracker.update_state(nll)
+        context = tf.distribute.get_replica_context()
+        global_batch_size = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(labels)[0], tf.float32))
+        # The training objective with the labels as targets: the PS-KD
+        # teacher exists for the training samples only.
+        terms = losses.selfkd_loss(
+            outputs["logits"], outputs["features"], labels, self.selfkd_config,
+            global_batch_size=global_batch_size, sample_weight=sample_weight)
+        # Weighted by the batch's examples, so the epoch's value is the mean
+        # over every example, a short last batch included; scaled by the
+        # replica count, as in training.
+        num_replicas = context.num_replicas_in_sync
+        for name, tracker in (("total", self.loss_tracker), *self.term_trackers.items()):
+            tracker.update_state(terms[name] * num_replicas, sample_weight=global_batch_size)
         self._update_accuracies(labels, outputs["logits"])
-        return replicas.pooled_metric_results(
-            [self.loss_tracker, *self.exit_accuracies, self.ensemble_accuracy],
-            tf.distribute.get_replica_context(),
-        )
+        return replicas.pooled_metric_results(self.metrics, context)
 
     def predict_step(self, data):
         images, _, _, _ = batches.unpack(data)
         return self._forward(images, training=False)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None,  # noqa: A002
+               input_signature=None, **kwargs):
+        """Refused: Keras's export cannot serve a multi-exit model's outputs.
+
+        Use ``selfkd_tf.export_saved_model(model, path)`` or ``selfkd-export``,
+        which serve one exit (or the ensemble, or the early-exit cascade) on
+        raw pixels with the training normalisation and the class names, as
+        TF Serving, TFLite and ONNX converters take them.
+
+        Raises:
+            ValueError: always, in one line naming the library's export.
+        """
+        raise ValueError(
+            "export: Keras's model.export cannot serve a multi-exit model; use "
+            "selfkd_tf.export_saved_model(model, path, exit='deepest') or selfkd-export, "
+            "which serve one exit (or the ensemble, or the cascade) on raw 0..255 pixels")
 
     # -- serialisation --------------------------------------------------
 

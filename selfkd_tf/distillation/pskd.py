@@ -37,6 +37,8 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from selfkd_tf.distillation import batches
+
 TABLE_DTYPES = ("float32", "float16")
 """Storage of the table: float16 halves its memory."""
 
@@ -61,12 +63,13 @@ def soft_targets(
     Sec. 7); the controls use it without a teacher.
 
     Args:
-        labels: int ``[B]``.
+        labels: class ids ``[B]`` or ``[B, 1]``, integers or whole-number
+            floats (`selfkd_tf.distillation.batches.class_ids`).
         num_classes: ``C``.
         teacher_probs: ``[B, C]`` previous-epoch predictions, or ``None`` for
             the label alone.
         alpha_t: the current mixing weight.
-        teacher_valid: optional ``[B]`` 0/1; rows with 0 have no stored
+        teacher_valid: optional ``[B]`` (or ``[B, 1]``) 0/1; rows with 0 have no stored
             prediction yet (epoch 0, or a sample not seen so far) and get the
             label.
         label_smoothing: ``eps`` in ``[0, 1)``.
@@ -75,25 +78,26 @@ def soft_targets(
         float32 ``[B, C]``.
 
     Raises:
+        ValueError: labels of another shape (one-hot labels), or teacher
+            rows that are not ``[B, C]``.
         tf.errors.InvalidArgumentError: if a label is outside
             ``[0, num_classes)`` (`tf.one_hot` would make its target all
             zeros, a loss of 0, without an error).
     """
-    labels = tf.cast(labels, tf.int32)
-    message = f"labels: class ids must be in [0, {num_classes})"
-    checks = [
-        tf.debugging.assert_non_negative(labels, message=message),
-        tf.debugging.assert_less(labels, num_classes, message=message),
-    ]
-    with tf.control_dependencies(checks):
-        one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
+    labels = batches.check_class_ids(batches.class_ids(labels), num_classes)
+    one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
     if label_smoothing:
         one_hot = (1.0 - label_smoothing) * one_hot + label_smoothing / num_classes
     if teacher_probs is None:
         return one_hot
+    teacher_probs = tf.convert_to_tensor(teacher_probs)
+    if teacher_probs.shape.rank != 2 or teacher_probs.shape[-1] not in (None, num_classes):
+        raise ValueError(f"teacher_probs: one row of {num_classes} probabilities per "
+                         f"example, shape [B, {num_classes}]; got {teacher_probs.shape}")
     weight = tf.cast(alpha_t, tf.float32) * tf.ones_like(one_hot[:, :1])
     if teacher_valid is not None:
-        weight = weight * tf.cast(teacher_valid, tf.float32)[:, None]
+        valid = batches.per_example_weights(teacher_valid, "teacher_valid")
+        weight = weight * valid[:, None]
     return one_hot + weight * (tf.cast(teacher_probs, tf.float32) - one_hot)
 
 
@@ -147,6 +151,7 @@ class SoftTargetTable:
                 f"table_dtype: got {dtype!r}; allowed: {', '.join(TABLE_DTYPES)}."
             )
         self.dtype = dtype
+        self.num_examples = int(num_examples)
 
         def weight(name, shape, weight_dtype):
             return owner.add_weight(
@@ -160,14 +165,39 @@ class SoftTargetTable:
         self.staged_probs = weight("staged_predictions", shape, dtype)
         self.staged_valid = weight("staged_valid", shape[:1], "float32")
 
+    def _rows(self, index: tf.Tensor) -> tf.Tensor:
+        """``index`` as int32 ``[B]`` rows, checked to lie in ``[0, N)``.
+
+        Checked on every device: on a GPU `tf.gather` returns zeros for an
+        index out of range and a scatter drops it, so a wrong index would
+        train against an empty teacher without an error.
+        """
+        index = tf.convert_to_tensor(index)
+        if index.shape.rank == 2 and index.shape[-1] == 1:
+            index = index[:, 0]
+        if index.shape.rank != 1 or not index.dtype.is_integer:
+            raise ValueError(f"index: one integer sample index per example, shape [B]; "
+                             f"got {index.dtype.name} {index.shape}")
+        index = tf.cast(index, tf.int32)
+        message = (f"index: sample indices must be in [0, {self.num_examples}), the "
+                   "rows of the PS-KD table (num_train_examples)")
+        checks = [tf.debugging.assert_non_negative(index, message=message),
+                  tf.debugging.assert_less(index, self.num_examples, message=message)]
+        with tf.control_dependencies(checks):
+            return tf.identity(index)
+
     def teacher(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The stored predictions of the samples ``index`` (int ``[B]``).
 
         Returns:
             ``(probs, valid)``: ``[B, C]`` in the table's dtype and float32
             ``[B]``, 1 where the row holds a prediction.
+
+        Raises:
+            tf.errors.InvalidArgumentError: when run, an index outside
+                ``[0, N)``.
         """
-        index = tf.cast(index, tf.int32)
+        index = self._rows(index)
         return (tf.gather(self.teacher_probs.value, index),
                 tf.gather(self.teacher_valid.value, index))
 
@@ -178,11 +208,11 @@ class SoftTargetTable:
         so every replica writes all of them.
         """
         context = tf.distribute.get_replica_context()
-        # tf.identity places the index on this replica's device: under
-        # MultiWorkerMirroredStrategy the tensor straight from the input
+        # tf.identity (in _rows) places the index on this replica's device:
+        # under MultiWorkerMirroredStrategy the tensor straight from the input
         # iterator has none, and all_gather then fails ("destinations can not
         # be empty").
-        index = context.all_gather(tf.identity(tf.cast(index, tf.int32)), axis=0)
+        index = context.all_gather(self._rows(index), axis=0)
         probs = context.all_gather(probs, axis=0)
         self.staged_probs.value.scatter_update(
             tf.IndexedSlices(tf.cast(probs, self.dtype), index)

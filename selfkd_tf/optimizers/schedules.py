@@ -82,7 +82,9 @@ def make_optimizer(
 
     Weight decay is not set here: `SelfKDModel` applies it as coupled L2
     (``weight_decay`` argument), which Keras's decoupled ``weight_decay``
-    would not reproduce under momentum.
+    would not reproduce under momentum. A scheduled optimizer carries
+    ``schedule_span = (epochs, steps_per_epoch)``, which
+    `SelfKDModel.fit` checks against the epochs and steps it trains.
 
     Raises:
         ValueError: a ``momentum`` outside [0, 1), a ``nesterov`` that is not
@@ -92,10 +94,15 @@ def make_optimizer(
         raise ValueError(f"momentum: got {momentum}; allowed: [0, 1)")
     if not isinstance(nesterov, bool):
         raise ValueError(f"nesterov: got {nesterov!r}; allowed: True, False")
-    return SGD(
+    optimizer = SGD(
         learning_rate=learning_rate_schedule(
             learning_rate, schedule, epochs, steps_per_epoch
         ),
         momentum=float(momentum),
         nesterov=nesterov,
     )
+    if schedule != "constant":
+        # `SelfKDModel.fit` refuses to train other epochs than the schedule
+        # spans; not saved with the optimizer.
+        optimizer.schedule_span = (epochs, steps_per_epoch)
+    return optimizer

@@ -143,8 +143,11 @@ class EarlyExitCascade(tf.Module):
             batch = tf.shape(images)[0]
             answers = (tf.zeros([batch, self.num_classes], tf.float32),
                        tf.zeros([batch], tf.int32))
-            logits, exit_ids = self._from_stage(0, images, tf.range(batch), answers,
-                                                threshold)
+            # No image runs no stage: oneDNN's kernels fail on an empty batch.
+            logits, exit_ids = tf.cond(
+                batch > 0,
+                lambda: self._from_stage(0, images, tf.range(batch), answers, threshold),
+                lambda: answers)
         return {"logits": logits, "exit_ids": exit_ids}
 
     def _from_stage(self, k, features, rows, answers, threshold):

@@ -9,11 +9,14 @@ auxiliary head; serving exit ``k`` also drops the stages after ``k``.
 
 The normalisation the model was trained with (``model.input_mean`` and
 ``model.input_std``) is part of the exported graph, so clients send raw
-pixels ``[batch, height, width, C]`` in 0..255, as uint8 or float32. Images
-of another height or width than the model's are resized as the training
-data were (bilinear, antialiased, rounded to whole pixel values), so a
-client may send the images at the size it has them; another number of
-channels is refused. Every export answers with
+pixels in 0..255, as uint8 or float32, under the input name
+``pixels_0_to_255`` (`PIXELS`). The default signatures take images of the
+model's size, ``[batch, H, W, C]``, which TFLite and ONNX converters take;
+the ``serve_any_size`` signatures also take other heights and widths,
+resized as the training data were (bilinear, antialiased, rounded to whole
+pixel values). Another number of channels is refused, and so are float
+pixels that look scaled to 0..1 (see `raw_pixel_normalizer`). A batch of
+no image gets answers of 0 rows. Every export answers with
 
 - ``probabilities``: float32 ``[batch, classes]``;
 - ``logits``: float32 ``[batch, classes]`` (for the ensemble, the log of its
@@ -27,16 +30,17 @@ With ``temperatures`` (temperature scaling, fitted by ``selfkd-eval
 --fit_temperature``) every exit's logits are divided by its temperature
 before anything else, so the probabilities are calibrated.
 
-Signatures: ``serving_default`` (float32 ``images``), ``serve_uint8``
-(uint8 ``images``), ``classes`` (no input: every class name, in class-id
-order) and ``calibration`` (no input: the temperatures, 1 for every exit
-when none were given, and ``fitted_on``, what they were fitted on). A
-cascade also has ``serve_with_threshold`` and
-``serve_uint8_with_threshold`` (``images`` and a float32 scalar
-``threshold``; one that is negative, NaN or infinite fails the call with
-``InvalidArgumentError``) and ``stage_examples`` (no input: how many
-examples each stage has run on since loading). The loaded object has the functions
-``serve``, ``serve_uint8`` (a cascade's take an optional ``threshold``),
+Signatures: ``serving_default`` (float32 pixels), ``serve_uint8`` (uint8
+pixels), ``serve_any_size`` and ``serve_any_size_uint8`` (any height and
+width), ``classes`` (no input: every class name, in class-id order) and
+``calibration`` (no input: the temperatures, 1 for every exit when none
+were given, and ``fitted_on``, what they were fitted on). A cascade also
+has ``serve_with_threshold`` and ``serve_uint8_with_threshold`` (pixels and
+a float32 scalar ``threshold``; one that is negative, NaN or infinite fails
+the call with ``InvalidArgumentError``) and ``stage_examples`` (no input:
+how many examples each stage has run on since loading). The loaded object
+has the functions ``serve``, ``serve_uint8``, ``serve_any_size``,
+``serve_any_size_uint8`` (a cascade's take an optional ``threshold``),
 ``classes``, ``calibration`` and, for a cascade, ``stage_examples``.
 
 Example:
@@ -129,18 +133,32 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def raw_pixel_normalizer(model):
+PIXELS = "pixels_0_to_255"
+"""The name of every serving signature's image input: raw pixels, 0..255."""
+
+_RANGE_PROBLEM = (f"{PIXELS}: every value lies in [0, 1] and some are fractions: these "
+                  "look like pixels scaled to 0..1; send them in 0..255 (multiply by 255)")
+
+
+def raw_pixel_normalizer(model, any_size: bool = False):
     """Maps raw pixels to the model's input, as the data pipeline did.
 
     Args:
         model: a `SelfKDModel` (it provides ``backbone``, ``input_mean`` and
             ``input_std``).
+        any_size: whether images of another height and width than the
+            model's are taken, and resized as
+            `selfkd_tf.data.sources.arrays.resize_uint8` resized the
+            training images (an antialiased resize, which TFLite cannot
+            convert); otherwise they must have the model's size.
 
     Returns:
         A function of uint8 or float32 ``[B, h, w, C]`` pixels in 0..255 that
         returns float32 ``[B, H, W, C]``, ``(x / 255 - mean) / std``, with
-        ``(H, W)`` the model's size. Other sizes are first resized as
-        `selfkd_tf.data.sources.arrays.resize_uint8` resized the training images.
+        ``(H, W)`` the model's size. Float pixels that all lie in ``[0, 1]``
+        with some fractions (pixels scaled to 0..1, which the model would
+        misread as near-black) fail the call with
+        `tf.errors.InvalidArgumentError`.
 
     Raises:
         ValueError: the model records no input normalisation.
@@ -156,10 +174,19 @@ def raw_pixel_normalizer(model):
 
     def normalize(images):
         pixels = tf.cast(images, tf.float32)
-        pixels = tf.cond(
-            tf.reduce_all(tf.shape(pixels)[1:3] == [height, width]),
-            lambda: pixels,
-            lambda: tf.cast(resize_uint8(pixels, (height, width)), tf.float32))
+        if images.dtype != tf.uint8:
+            # A 0..255 image of whole values, or one with any value above 1,
+            # passes; a black image (all 0) too.
+            scaled = tf.logical_and(tf.reduce_max(pixels) <= 1.0,
+                                    tf.reduce_any(tf.not_equal(pixels, tf.round(pixels))))
+            with tf.control_dependencies([tf.debugging.Assert(
+                    tf.logical_not(scaled), [_RANGE_PROBLEM])]):
+                pixels = tf.identity(pixels)
+        if any_size:
+            pixels = tf.cond(
+                tf.reduce_all(tf.shape(pixels)[1:3] == [height, width]),
+                lambda: pixels,
+                lambda: tf.cast(resize_uint8(pixels, (height, width)), tf.float32))
         return tf.ensure_shape(pixels, [None, height, width, channels]) * scale + shift
 
     return normalize
@@ -299,11 +326,11 @@ def export_saved_model(
     exit = check_export_arguments(model, path, exit, overwrite, threshold)  # noqa: A001
     names = _check_class_names(class_names, model.num_classes)
     temperatures = check_temperatures(temperatures, model.num_exits)
-    normalize = raw_pixel_normalizer(model)
+    raw_pixel_normalizer(model)  # refuses a model without its normalisation
     archive = keras.export.ExportArchive()
     if exit == CASCADE:
         cascade = EarlyExitCascade(model.backbone, threshold, temperatures=temperatures)
-        _add_cascade_endpoints(archive, cascade, normalize, tf.constant(names))
+        _add_cascade_endpoints(archive, cascade, model, tf.constant(names))
         costs = exit_costs(model.backbone)
         exit_flops = tuple(costs.cascade_exit(k) for k in range(1, model.num_exits + 1))
         network, flops = model.backbone, exit_flops[-1]
@@ -312,7 +339,7 @@ def export_saved_model(
         network = exit_model(model.backbone, exit)
         served = range(model.num_exits) if exit == ENSEMBLE else [exit - 1]
         scales = None if temperatures is None else [temperatures[k] for k in served]
-        _add_classifier_endpoints(archive, network, normalize, tf.constant(names), scales)
+        _add_classifier_endpoints(archive, network, model, tf.constant(names), scales)
         flops, exit_flops = count_flops(network), None
     archive.track(network)
     archive.add_endpoint("classes", lambda: tf.constant(names), input_signature=[])
@@ -368,8 +395,14 @@ def _write_replacing(archive: keras.export.ExportArchive, path: str, overwrite: 
             shutil.rmtree(created, ignore_errors=True)
 
 
-def _images_spec(network: keras.Model, dtype: tf.DType) -> tf.TensorSpec:
-    return tf.TensorSpec([None, None, None, network.input.shape[-1]], dtype, name="images")
+def _pixel_specs(network: keras.Model) -> list[tuple[str, tf.TensorSpec, bool]]:
+    """``(name suffix, input spec, any size)`` of every image signature."""
+    height, width, channels = network.input.shape[1:]
+    return [
+        (suffix, tf.TensorSpec([None, *size, channels], dtype, name=PIXELS), any_size)
+        for any_size, size in ((False, (height, width)), (True, (None, None)))
+        for suffix, dtype in (("", tf.float32), ("_uint8", tf.uint8))
+    ]
 
 
 def _answer(probabilities, logits, names) -> dict[str, tf.Tensor]:
@@ -378,27 +411,42 @@ def _answer(probabilities, logits, names) -> dict[str, tf.Tensor]:
             "class_names": tf.gather(names, class_ids)}
 
 
-def _add_classifier_endpoints(archive, network, normalize, names, temperatures) -> None:
-    def serve(images):
-        outputs = network(normalize(images), training=False)
-        logits = [tf.cast(z, tf.float32) for z in tf.nest.flatten(outputs)]
-        if temperatures is not None:
-            logits = [z / t for z, t in zip(logits, temperatures)]
-        if len(logits) == 1:
-            return _answer(tf.nn.softmax(logits[0]), logits[0], names)
-        probabilities = tf.add_n([tf.nn.softmax(z) for z in logits]) / len(logits)
-        return _answer(probabilities, tf.math.log(probabilities), names)
+def _add_classifier_endpoints(archive, network, model, names, temperatures) -> None:
+    def serving_function(any_size):
+        normalize = raw_pixel_normalizer(model, any_size)
 
-    for name, dtype in (("serve", tf.float32), ("serve_uint8", tf.uint8)):
-        archive.add_endpoint(name, serve, input_signature=[_images_spec(network, dtype)])
+        def serve(images):
+            pixels = normalize(images)
+            # oneDNN's kernels fail on an empty batch: the network sees at
+            # least one (blank) image, whose answer is dropped. A tf.cond
+            # would hide the weights from converters (tf2onnx).
+            batch = tf.shape(pixels)[0]
+            padded = tf.concat([pixels, tf.zeros([1, *pixels.shape[1:]])], axis=0)[
+                :tf.maximum(batch, 1)]
+            logits = [tf.cast(z, tf.float32)[:batch]
+                      for z in tf.nest.flatten(network(padded, training=False))]
+            if temperatures is not None:
+                logits = [z / t for z, t in zip(logits, temperatures)]
+            if len(logits) == 1:
+                return _answer(tf.nn.softmax(logits[0]), logits[0], names)
+            probabilities = tf.add_n([tf.nn.softmax(z) for z in logits]) / len(logits)
+            return _answer(probabilities, tf.math.log(probabilities), names)
+
+        return serve
+
+    for suffix, spec, any_size in _pixel_specs(network):
+        name = f"serve{'_any_size' if any_size else ''}{suffix}"
+        archive.add_endpoint(name, serving_function(any_size), input_signature=[spec])
 
 
-def _add_cascade_endpoints(archive, cascade, normalize, names) -> None:
-    for suffix, dtype in (("", tf.float32), ("_uint8", tf.uint8)):
+def _add_cascade_endpoints(archive, cascade, model, names) -> None:
+    for suffix, spec, any_size in _pixel_specs(model.backbone):
         serve, serve_with_threshold = _cascade_functions(
-            cascade, normalize, names, _images_spec(cascade.stages[0], dtype))
-        archive.add_endpoint(f"serve{suffix}", serve)
-        archive.add_endpoint(f"serve{suffix}_with_threshold", serve_with_threshold)
+            cascade, raw_pixel_normalizer(model, any_size), names, spec)
+        prefix = "serve_any_size" if any_size else "serve"
+        archive.add_endpoint(f"{prefix}{suffix}", serve)
+        if not any_size:
+            archive.add_endpoint(f"{prefix}{suffix}_with_threshold", serve_with_threshold)
     archive.add_endpoint("stage_examples", cascade.stage_examples.read_value,
                          input_signature=[])
 
@@ -407,7 +455,9 @@ def _cascade_functions(cascade, normalize, names, images_spec):
     """The traced ``serve(images, threshold=None)`` and ``serve_with_threshold``."""
     threshold_spec = tf.TensorSpec([], tf.float32, name="threshold")
 
-    @tf.function(input_signature=[images_spec, threshold_spec])
+    # No Python control flow to convert; AutoGraph would also mistake the
+    # closures of the several exports for one another.
+    @tf.function(input_signature=[images_spec, threshold_spec], autograph=False)
     def serve_with_threshold(images, threshold):
         outputs = cascade(normalize(images), threshold)
         logits = outputs["logits"]
@@ -416,7 +466,7 @@ def _cascade_functions(cascade, normalize, names, images_spec):
 
     # Traced for both calls, so the loaded ``serve`` takes an optional
     # threshold; each trace calls the one cascade graph above.
-    @tf.function
+    @tf.function(autograph=False)
     def serve(images, threshold=None):
         return serve_with_threshold(
             images, cascade.threshold if threshold is None else threshold)
