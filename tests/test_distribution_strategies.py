@@ -50,16 +50,17 @@ WORKER_EVAL_EXAMPLES = 21
 
 
 def _selfkd_resnet(strategy: tf.distribute.Strategy, num_examples: int = NUM_EXAMPLES,
-                   image_size: int = 16) -> SelfKDModel:
+                   image_size: int = 16, top_k: int | None = None) -> SelfKDModel:
     with strategy.scope():
         model = tiny_model(NUM_CLASSES, num_examples, image_size=image_size,
-                           sync_batchnorm=True, seed=0)
+                           sync_batchnorm=True, seed=0, table_top_k=top_k)
         model.compile(optimizer=make_optimizer(LEARNING_RATE, schedule="constant"))
     return model
 
 
 def _train_with_pskd(strategy: tf.distribute.Strategy, num_examples: int = NUM_EXAMPLES,
-                     image_size: int = 16, eval_examples: int = 0) -> dict[str, np.ndarray]:
+                     image_size: int = 16, eval_examples: int = 0,
+                     top_k: int | None = None) -> dict[str, np.ndarray]:
     """All three methods, synchronized batch norm, unshuffled data.
 
     With ``eval_examples``, also validates after every epoch on that many
@@ -70,7 +71,7 @@ def _train_with_pskd(strategy: tf.distribute.Strategy, num_examples: int = NUM_E
     if eval_examples:
         validation = indexed_dataset(*learnable_arrays(
             eval_examples, NUM_CLASSES, size=image_size, seed=1), GLOBAL_BATCH)
-    model = _selfkd_resnet(strategy, num_examples, image_size)
+    model = _selfkd_resnet(strategy, num_examples, image_size, top_k)
     recorder = StepRecorder()
     history = model.fit(indexed_dataset(images, labels, GLOBAL_BATCH), epochs=EPOCHS,
                         verbose=0, callbacks=[recorder], validation_data=validation)
@@ -79,6 +80,10 @@ def _train_with_pskd(strategy: tf.distribute.Strategy, num_examples: int = NUM_E
         "tables": np.stack(recorder.tables),
         "valid": np.stack(recorder.valid),
         "weights": np.concatenate([w.ravel() for w in model.backbone.get_weights()]),
+        # Copies held: a weight has one per replica, the PS-KD table one per machine.
+        "table_copies": len(strategy.experimental_local_results(model.soft_target_table.value)),
+        "weight_copies": len(strategy.experimental_local_results(
+            model.backbone.trainable_weights[0].value)),
     }
     if eval_examples:
         results["val"] = np.array([history.history[f"val_{name}"] for name in (
@@ -142,6 +147,8 @@ def mirrored_child(out_dir: pathlib.Path) -> None:
     for name, strategy in (("single", tf.distribute.get_strategy()), ("mirrored", mirrored)):
         for key, value in _train_with_pskd(strategy).items():
             results[f"{name}_{key}"] = value
+        for key, value in _train_with_pskd(strategy, top_k=2).items():
+            results[f"{name}_topk_{key}"] = value
     for key, value in _overflow_on_second_replica(mirrored).items():
         results[f"overflow_{key}"] = value
     results["refuses_xla"] = _refuses_xla(mirrored)
@@ -225,6 +232,12 @@ def test_mirrored_table_holds_the_single_replica_predictions(mirrored):
     )
     # The rows are predictions, not zeros or sums of the replicas' copies.
     np.testing.assert_allclose(mirrored["mirrored_tables"].sum(-1), 1.0, atol=1e-5)
+    # One copy of the table on the machine, one of every weight per replica.
+    assert (int(mirrored["mirrored_table_copies"]), int(mirrored["mirrored_weight_copies"])) == (1, 2)
+    # The top-k table holds the same K largest probabilities as on one device.
+    np.testing.assert_allclose(mirrored["mirrored_topk_tables"], mirrored["single_topk_tables"],
+                               atol=1e-4)
+    assert mirrored["mirrored_topk_tables"].shape[-1] == 2
 
 
 def test_sync_batchnorm_losses_match_single_replica_every_step(mirrored):

@@ -88,7 +88,8 @@ def build_model(settings: TrainSettings, info: data_lib.DatasetInfo) -> SelfKDMo
         return SelfKDModel(
             backbone, num_train_examples=info.num_train,
             config=settings.selfkd_config(), weight_decay=settings.weight_decay,
-            table_dtype=settings.table_dtype, input_mean=info.mean,
+            table_dtype=settings.table_dtype, table_top_k=settings.table_top_k,
+            input_mean=info.mean,
             input_std=info.std, name="selfkd",
         )
 

@@ -158,6 +158,10 @@ class TrainSettings:
     jit_compile: bool = _setting(False, "XLA-compile the training step.")
     table_dtype: str = _setting(
         "float32", f"Storage of the PS-KD table: {', '.join(TABLE_DTYPES)}.")
+    table_top_k: int | None = _setting(
+        None, "PS-KD table: keep each sample's K largest probabilities and their "
+        "classes (the rest of the mass spread over the other classes); default: all "
+        "classes.")
     # Run directory.
     model_dir: str | None = _setting(
         None, "Run directory; default: runs/<dataset>_<arch>_<methods>. "
@@ -232,6 +236,8 @@ class TrainSettings:
         check_choice("distribute", self.distribute, distribute_lib.STRATEGIES)
         check_choice("mixed_precision", self.mixed_precision, distribute_lib.PRECISIONS)
         check_choice("table_dtype", self.table_dtype, TABLE_DTYPES)
+        if self.table_top_k is not None:
+            _check_integer("table_top_k", self.table_top_k, 1)
         if self.subset_seed is not None:
             _check_integer("subset_seed", self.subset_seed, 0, MAX_SEED)
         _check_integer("eval_every", self.eval_every, 1)
