@@ -54,12 +54,15 @@ _EXPORTS = {
     # models: backbones, the multi-exit contract, costs
     "ARCHITECTURES": "selfkd_tf.models",
     "EXIT_HEADS": "selfkd_tf.models",
+    "as_multi_exit": "selfkd_tf.models",
     "attach_exits": "selfkd_tf.models",
     "build_multi_exit_resnet": "selfkd_tf.models",
     "check_multi_exit": "selfkd_tf.models",
+    "convert_layers": "selfkd_tf.models",
     "count_flops": "selfkd_tf.models",
     "count_parameters": "selfkd_tf.models",
     "exit_costs": "selfkd_tf.models",
+    "find_stages": "selfkd_tf.models",
     # metrics (numpy)
     "apply_temperature": "selfkd_tf.metrics",
     "fit_temperature": "selfkd_tf.metrics",
@@ -79,6 +82,7 @@ _EXPORTS = {
     "soft_targets": "selfkd_tf.distillation",
     # optimizers
     "SGD": "selfkd_tf.optimizers",
+    "decayed_variables": "selfkd_tf.optimizers",
     "learning_rate_schedule": "selfkd_tf.optimizers",
     "make_optimizer": "selfkd_tf.optimizers",
     # evaluation

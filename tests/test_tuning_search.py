@@ -261,8 +261,11 @@ def test_searched_dimensions_follow_the_methods():
         "pskd_alpha", "lr", "weight_decay")
     assert options.searched(TrainSettings(methods=("byot", "dmfl"))) == (
         "byot_alpha", "byot_lambda", "temperature", "lr", "weight_decay")
-    assert options.objective_name(TrainSettings(num_stages=3)) == "val_exit3_accuracy"
-    assert TuneSettings(objective="val_loss").objective_direction(TrainSettings()) == "min"
+    assert options.objective_name(3) == "val_exit3_accuracy"
+    assert TuneSettings(objective="val_loss").objective_direction() == "min"
+    with pytest.raises(SettingsError, match="objective: got 'val_exit3_accuracy'; allowed: "
+                                            "val_exit1_accuracy, val_exit2_accuracy, val_ens"):
+        TuneSettings(objective="val_exit3_accuracy").check_objective(2)
 
 
 def test_flagfile_reads_back_to_the_same_settings(tmp_path):

@@ -33,14 +33,54 @@ from selfkd_tf.cli import quiet_tensorflow  # noqa: F401  first: hides TensorFlo
 from absl import flags  # noqa: E402
 
 from selfkd_tf.distribution import cluster  # noqa: E402
-from selfkd_tf.experiment import training  # noqa: E402
+from selfkd_tf.experiment import builders, training  # noqa: E402
+from selfkd_tf.models import applications, multi_exit, stages  # noqa: E402
 from selfkd_tf.cli import flags as train_flags  # noqa: E402
 from selfkd_tf.cli import program  # noqa: E402
 from selfkd_tf.evaluation.scoring import format_metrics_table  # noqa: E402
+from selfkd_tf.experiment.settings import as_settings_error  # noqa: E402
 from selfkd_tf.rundir.layout import HISTORY_FILE, METRICS_FILE, MODEL_FILE, TENSORBOARD_DIR  # noqa: E402
 
 PROGRAM = "selfkd-train"
 flags.adopt_module_key_flags(train_flags)  # --helpshort lists them
+LIST_STAGES = flags.DEFINE_bool(
+    "list_stages", False,
+    "Print where exits can attach to --arch at the data's image size (--image_size, "
+    "or the dataset's), marking those --exits picks, and exit without training.")
+
+
+def stage_listing(settings) -> str:
+    """The stages of ``settings.arch`` for the run's images, as a table.
+
+    Raises:
+        SettingsError: the flags, the data or the backbone are refused.
+    """
+    settings.validate()
+    _, _, info = builders.build_datasets(settings)
+    shape = info.image_shape
+    if applications.is_foreign(settings.arch):
+        with as_settings_error():
+            trunk = applications.build_foreign_backbone(settings.arch, shape)
+            flat = stages.flatten(trunk)
+            chosen = {id(t) for t in stages.resolve_exits(
+                flat, builders.parse_exits(settings.exits))}
+        rows = [(id(t) in chosen, flat.reference_of(t), t.shape[1:])
+                for t in stages.stage_tensors(flat) if t is not flat.output]
+        rows.append((True, flat.reference_of(flat.output) + "  (the deepest exit)",
+                     flat.output.shape[1:]))
+    else:
+        backbone = builders.build_backbone(settings, info.num_classes, shape)
+        count = multi_exit.check_multi_exit(backbone)[0]
+        rows = [(True, tensor._keras_history.operation.name, tensor.shape[1:])
+                for tensor in (multi_exit.exit_stage(backbone, k) for k in range(1, count + 1))]
+    lines = [f"Stages of {settings.arch} on {'x'.join(map(str, shape))} images "
+             f"(* = an exit with --exits={settings.exits}):",
+             f"  {'reference':<58} {'shape':<16} stride"]
+    for picked, reference, tensor_shape in rows:
+        stride = shape[0] / tensor_shape[0] if len(tensor_shape) == 3 else float("nan")
+        lines.append(f"{'*' if picked else ' '} {reference:<58} "
+                     f"{'x'.join(map(str, tensor_shape)):<16} {stride:g}")
+    return "\n".join(lines)
 
 
 def next_steps(run_dir: str) -> str:
@@ -68,6 +108,9 @@ def next_steps(run_dir: str) -> str:
 def main(argv: list[str]) -> int:
     del argv  # program.run rejects positional arguments
     settings = train_flags.settings_from_flags()
+    if LIST_STAGES.value:
+        print(stage_listing(settings))
+        return 0
     try:
         record = training.train(settings)
     except training.TrainingDivergedError as err:

@@ -200,7 +200,7 @@ def make_datasets(
     data_dir: str | None = None,
     batch_size: int = 128,
     augment: bool = True,
-    normalization: str = "dataset",
+    normalization: str | tuple[Sequence[float], Sequence[float]] = "dataset",
     validation_fraction: float = 0.0,
     train_examples: int | None = None,
     eval_examples: int | None = None,
@@ -222,7 +222,11 @@ def make_datasets(
             random `H x W` crop of the image zero-padded by 4 pixels (in raw
             pixel space, before normalization) and a random horizontal flip.
         normalization: `"dataset"` (published CIFAR statistics, otherwise the
-            statistics of the training split actually used) or `"imagenet"`.
+            statistics of the training split actually used), `"imagenet"`, or
+            `(mean, std)` per channel in [0, 1] pixel units (the
+            normalisation a backbone family expects,
+            `selfkd_tf.models.applications.input_normalization`; mean 0 and
+            std 1/255 leave the pixels 0..255).
         validation_fraction: in `[0, 1)`. When positive, a stratified split of
             this fraction of the training set, chosen by `subset_seed`, is
             held out and returned as the evaluation split instead of the test
@@ -261,7 +265,8 @@ def make_datasets(
     >>> model.fit(train, validation_data=val, epochs=200,
     ...           steps_per_epoch=info.steps_per_epoch)  # doctest: +SKIP
     """
-    _check_choice(normalization, "normalization", _NORMALIZATIONS)
+    if isinstance(normalization, str):
+        _check_choice(normalization, "normalization", _NORMALIZATIONS)
     _check_int(batch_size, "batch_size", minimum=1)
     _check_int(seed, "seed", minimum=0)
     if subset_seed is None:
@@ -300,7 +305,13 @@ def make_datasets(
         seed=subset_seed,
     )
     channels = x_train.shape[-1]
-    if normalization == "imagenet":
+    if not isinstance(normalization, str):
+        mean, std = (tuple(float(v) for v in stats) for stats in normalization)
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise DataError(
+                f"normalization: expected a mean and a positive std per channel of "
+                f"{dataset}'s {channels}; got {normalization!r}")
+    elif normalization == "imagenet":
         if channels != 3:
             raise DataError(
                 "normalization='imagenet' needs 3-channel images; "

@@ -36,7 +36,8 @@ from selfkd_tf.distribution import replicas
 # classes registered there, so loading one must not depend on the caller
 # having imported the models package.
 from selfkd_tf import models  # noqa: F401
-from selfkd_tf.models.multi_exit import check_multi_exit
+from selfkd_tf.models.multi_exit import as_multi_exit, check_multi_exit
+from selfkd_tf.optimizers.weight_decay import decayed_variables
 from selfkd_tf.distribution.multiworker import MultiWorkerTrainer, in_multi_worker_mode
 
 
@@ -58,13 +59,18 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
     Args:
         backbone: functional model mapping images ``[B, H, W, C]`` to
             ``{"logits": [z_1..z_N], "features": [F_1..F_N]}``, the
-            multi-exit contract (`selfkd_tf.models.multi_exit`).
+            multi-exit contract (`selfkd_tf.models.multi_exit`;
+            `selfkd_tf.models.attach_exits` gives any functional model
+            exits), or a plain classifier from images to logits
+            ``[B, classes]``, one exit (PS-KD, label smoothing).
         num_train_examples: size of the training split; the PS-KD table has
             one row per training sample index. Required with ``"pskd"``.
         config: a `selfkd_tf.distillation.SelfKDConfig` (or its dict form).
-        weight_decay: coupled L2 weight decay over all trainable weights,
-            added to the gradient before momentum (PyTorch ``SGD``
-            semantics, as the reference trains).
+        weight_decay: coupled L2 weight decay, added to the gradient before
+            momentum (PyTorch ``SGD`` semantics, as the reference trains).
+        weight_decay_exclude: kinds of weights the decay leaves out
+            (`selfkd_tf.optimizers.weight_decay`: ``"norm"``, ``"bias"``,
+            ``"embedding"``); default none, every trainable weight decays.
         table_dtype: ``"float32"`` or ``"float16"`` (halves the table's
             probabilities' memory).
         table_top_k: keep each sample's ``K`` largest probabilities and
@@ -126,6 +132,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         num_train_examples: int | None = None,
         config: SelfKDConfig | dict | None = None,
         weight_decay: float = 5e-4,
+        weight_decay_exclude: tuple[str, ...] | list[str] = (),
         table_dtype: str = "float32",
         table_top_k: int | None = None,
         input_mean: tuple[float, ...] | None = None,
@@ -136,6 +143,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         if isinstance(config, dict):
             config = SelfKDConfig.from_config(config)
         self.selfkd_config = config or SelfKDConfig()
+        backbone = as_multi_exit(backbone)
         self.backbone = backbone
         self.num_exits, self.num_classes, _ = check_multi_exit(backbone)
         if self.num_classes < 2:
@@ -147,6 +155,8 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
         if weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0; got {weight_decay}.")
         self.weight_decay = weight_decay
+        self.weight_decay_exclude = tuple(weight_decay_exclude)
+        decayed_variables(backbone, self.weight_decay_exclude)  # validates
         self.table_dtype = table_dtype
         self.table_top_k = table_top_k
         self.num_train_examples = num_train_examples
@@ -464,7 +474,8 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             if self.weight_decay:
                 # Replicas' gradients are summed, so each adds its share.
                 objective += (0.5 * self.weight_decay / num_replicas) * tf.add_n(
-                    [tf.reduce_sum(tf.square(v)) for v in self.trainable_variables]
+                    [tf.reduce_sum(tf.square(v)) for v in
+                     decayed_variables(self.backbone, self.weight_decay_exclude)]
                 )
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.trainable_variables)
@@ -558,6 +569,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
             "num_train_examples": self.num_train_examples,
             "config": self.selfkd_config.get_config(),
             "weight_decay": self.weight_decay,
+            "weight_decay_exclude": list(self.weight_decay_exclude),
             "table_dtype": self.table_dtype,
             "table_top_k": self.table_top_k,
             "input_mean": self.input_mean,
@@ -568,7 +580,7 @@ class SelfKDModel(MultiWorkerTrainer, keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(
-            models.upgrade_convolutions(config["backbone"]),
+            models.upgrade_layers(config["backbone"]),
             custom_objects=custom_objects,
         )
         return cls(**config)

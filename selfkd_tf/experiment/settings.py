@@ -29,10 +29,11 @@ import numpy as np
 from selfkd_tf import data as data_lib
 from selfkd_tf.distillation.config import (
     CONTROLS, DMFL_GRADIENTS, METHODS, PSKD_TEACHERS, SelfKDConfig)
+from selfkd_tf.optimizers.weight_decay import DECAY_EXCLUSIONS
 from selfkd_tf.distillation.pskd import TABLE_DTYPES
 from selfkd_tf.distribution import strategy as distribute_lib
 from selfkd_tf.errors import SettingsError
-from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS
+from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, applications
 from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
 from selfkd_tf.optimizers import LR_SCHEDULES
 from selfkd_tf.rundir import reading
@@ -86,7 +87,8 @@ class TrainSettings:
         "or npz:PATH.")
     data_dir: str | None = _setting(None, "TFDS data directory (cifar10, cifar100).")
     normalization: str = _setting(
-        "dataset", "dataset (published CIFAR or training-split statistics) "
+        "auto", "auto (what a keras.applications or keras-hub backbone expects, "
+        "otherwise dataset), dataset (published CIFAR or training-split statistics) "
         "or imagenet.")
     augment: bool = _setting(True, "Random crop (padding 4) and horizontal flip.")
     image_size: int | None = _setting(None, "Resize every image to this size.")
@@ -105,10 +107,27 @@ class TrainSettings:
         0.0, "Hold out this fraction of the training set and evaluate on it "
         "instead of the test split.")
     # Model.
-    arch: str = _setting("resnet18", f"One of {', '.join(ARCHITECTURES)}.")
+    arch: str = _setting(
+        "resnet18", f"One of {', '.join(ARCHITECTURES)}; keras.applications.<Name> "
+        "(e.g. keras.applications.MobileNetV3Small); kerashub:<preset directory>; or "
+        "a saved functional backbone, PATH.keras.")
+    exits: str = _setting(
+        "auto", "Where the exits attach to a keras.applications, kerashub or .keras "
+        "backbone: auto (one per stage, up to 4 exits), a number of exits (the deepest "
+        "included), or a comma list of the references --list_stages prints, shallowest "
+        "first. The ResNets have one exit per stage (--num_stages).")
     exit_head: str | None = _setting(
         None, f"One of {', '.join(EXIT_HEADS)}; default: attention for "
-        "resnext50_32x4d, bottleneck otherwise.")
+        "resnext50_32x4d, pooled for keras.applications, kerashub and .keras "
+        "backbones, bottleneck otherwise.")
+    backbone_weights: str = _setting(
+        "none", "Initial weights of a keras.applications, kerashub or .keras backbone: "
+        "none (random), imagenet (keras.applications; a download), preset (the "
+        "kerashub preset's own) or PATH of a .weights.h5/.h5 file.")
+    batchnorm_momentum: float = _setting(
+        0.9, "Momentum of every batch norm, in Keras's convention (the running "
+        "average's weight; PyTorch's 0.1 is 0.9). keras.applications families use "
+        "0.99 to 0.999, whose statistics lag behind the weights in short runs.")
     num_stages: int = _setting(
         4, "Backbone stages kept, one exit after each (Table 4 ablation): "
         f"{', '.join(map(str, NUM_STAGES))}.")
@@ -143,6 +162,10 @@ class TrainSettings:
     momentum: float = _setting(0.9, "SGD momentum.")
     nesterov: bool = _setting(True, "Nesterov momentum.")
     weight_decay: float = _setting(5e-4, "Coupled L2 weight decay.")
+    weight_decay_exclude: tuple[str, ...] = _setting(
+        (), f"Comma list of weights the decay leaves out: {', '.join(DECAY_EXCLUSIONS)} "
+        "(ConvNeXt and ViT recipes leave out all three); default: decay every "
+        "trainable weight, as the paper.")
     lr_schedule: str = _setting(
         "multistep", f"{', '.join(LR_SCHEDULES)} (multistep: x0.1 at 50% "
         "and 75% of the epochs).")
@@ -203,7 +226,34 @@ class TrainSettings:
             raise SettingsError(
                 "dataset", "missing; allowed: digits, cifar10, cifar100, cifar:PATH, "
                 "folder:PATH, npz:PATH")
-        check_choice("arch", self.arch, ARCHITECTURES)
+        if applications.is_foreign(self.arch):
+            with as_settings_error():
+                applications.check_arch(self.arch)
+            # The ResNets' own shape flags would be ignored silently.
+            for name, default, instead in (("width_multiplier", 1.0, "the backbone's own"),
+                                           ("num_stages", 4, "--exits")):
+                if getattr(self, name) != default:
+                    raise SettingsError(
+                        name, f"got {getattr(self, name)}; it shapes the ResNets only; "
+                        f"for {self.arch} use {instead}")
+        else:
+            check_choice("arch", self.arch, ARCHITECTURES)
+            if self.exits != "auto":
+                raise SettingsError(
+                    "exits", f"got {self.exits!r}; the ResNets have one exit per stage "
+                    "(--num_stages); --exits applies to keras.applications, kerashub and "
+                    ".keras backbones")
+            if self.backbone_weights != applications.WEIGHTS_NONE:
+                raise SettingsError(
+                    "backbone_weights", f"got {self.backbone_weights!r}; the ResNets "
+                    "start from random weights (resume a run to continue one)")
+        if not self.exits:
+            raise SettingsError("exits", "empty; allowed: auto, a number or references")
+        if not 0 <= self.batchnorm_momentum < 1:
+            raise SettingsError(
+                "batchnorm_momentum", f"got {self.batchnorm_momentum}; allowed: [0, 1)")
+        for exclusion in self.weight_decay_exclude:
+            check_choice("weight_decay_exclude", exclusion, DECAY_EXCLUSIONS)
         if self.exit_head is not None:
             check_choice("exit_head", self.exit_head, EXIT_HEADS)
         check_choice("num_stages", self.num_stages, NUM_STAGES)
@@ -220,8 +270,10 @@ class TrainSettings:
         if not low <= self.temperature <= high:
             raise SettingsError(
                 "temperature", f"got {self.temperature}; allowed: [{low:g}, {high:g}]")
-        with as_settings_error():
-            self.selfkd_config().shallow_byot_exits(self.num_stages)
+        if not applications.is_foreign(self.arch):
+            # A backbone of one's own has its exits counted once it is built.
+            with as_settings_error():
+                self.selfkd_config().shallow_byot_exits(self.num_stages)
         _check_integer("epochs", self.epochs, 1, MAX_EPOCHS)
         _check_integer("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if not self.lr > 0:
@@ -264,7 +316,7 @@ class TrainSettings:
         if unknown:
             raise SettingsError(None, f"unknown settings {unknown}")
         values = dict(d)
-        for key in ("methods", "byot_exits"):
+        for key in ("methods", "byot_exits", "weight_decay_exclude"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -1,15 +1,25 @@
 """Exit heads that turn a shallow stage into an auxiliary classifier.
 
-A head maps the output of stage `stage` (1-based) to a feature map with as
-many channels as the deepest stage, `stage_channels[-1]`, so that the pooled
-features of every exit live in the same space and can be compared by the
-feature-mimicking losses. `exit_classifier` then pools and classifies it.
+A head maps a shallow stage's output ``[B, h, w, c]`` to a feature map with
+as many channels as the deepest stage, ``D = deeper_channels[-1]``, so that
+the pooled features of every exit live in the same space and can be
+compared by the feature-mimicking losses; `exit_classifier` then pools and
+classifies it. A head is called as ``head(x, deeper_channels, ratio,
+sync_batchnorm=..., name=...)``: ``deeper_channels`` are the channels of
+every deeper exit's stage, the deepest last, and ``ratio`` the stage's
+resolution over the deepest stage's, rounded to a whole number >= 1 (any
+number, not only a power of 2).
 
-Two styles are available (`EXIT_HEADS`):
+Three styles are available (`EXIT_HEADS`):
 
-- `"bottleneck"` (PS-KD / DMFL): 1x1 reduce -> kxk stride-k conv -> 1x1 expand.
-- `"attention"` (BYOT / SCAN): a sigmoid attention mask followed by a chain
-  of stride-2 separable convolutions.
+- ``"bottleneck"`` (PS-KD / DMFL): 1x1 reduce -> kxk stride-k conv -> 1x1
+  expand, ``k = ratio``. Its kxk convolution holds ``(D / 4)^2 k^2``
+  weights: 16.8M per exit at ``k = 8`` on a 2048-wide network.
+- ``"attention"`` (BYOT / SCAN): a sigmoid attention mask followed by one
+  stride-2 separable convolution per deeper exit (each exit at half the
+  resolution of the next).
+- ``"pooled"``, the cheap one: kxk average pooling, stride k, then a 1x1
+  convolution to ``D`` channels with batch norm and ReLU: ``c D`` weights.
 """
 
 import math
@@ -62,24 +72,25 @@ def sep_conv(
 
 def bottleneck_exit_head(
     x,
-    stage: int,
-    stage_channels: tuple[int, ...],
+    deeper_channels: tuple[int, ...],
+    ratio: int,
     *,
     sync_batchnorm: bool = False,
     name: str,
 ):
     """PS-KD / DMFL bottleneck exit head.
 
-    With `D = stage_channels[-1]` and `k = 2 ** (len(stage_channels) - stage)`:
-    `1x1 conv (D // 4) -> BN -> ReLU -> kxk conv stride k (D // 4) -> BN ->
-    ReLU -> 1x1 conv (D) -> BN -> ReLU`. The convolutions have a bias even
-    though a BN follows, as in PS-KD; the reference parameter counts
-    (e.g. 13,011,152 for ResNet-18 on CIFAR-100) include these biases.
+    With `D = deeper_channels[-1]` and `k = ratio`: `1x1 conv (D // 4) -> BN
+    -> ReLU -> kxk conv stride k (D // 4) -> BN -> ReLU -> 1x1 conv (D) ->
+    BN -> ReLU`. The convolutions have a bias even though a BN follows, as
+    in PS-KD; the reference parameter counts (e.g. 13,011,152 for ResNet-18
+    on CIFAR-100) include these biases.
 
     Args:
-        x: Output of stage `stage`, shape `(batch, H, W, C)`.
-        stage: 1-based index of the stage `x` comes from.
-        stage_channels: Output channels of every stage of the backbone.
+        x: The stage's output, shape `(batch, H, W, C)`.
+        deeper_channels: Output channels of every deeper exit's stage, the
+            deepest last.
+        ratio: The stage's resolution over the deepest stage's, `k >= 1`.
         sync_batchnorm: Whether batch statistics are synchronized across
             replicas.
         name: Prefix of the layer names, e.g. `"exit1_head"`.
@@ -88,11 +99,11 @@ def bottleneck_exit_head(
         Tensor of shape `(batch, H // k, W // k, D)`; `H // k` equals the
         deepest stage's height when `H` is a multiple of `k`.
     """
-    channels = stage_channels[-1]
+    channels = deeper_channels[-1]
     hidden = max(1, channels // 4)
     # Kernel and stride k collapse the remaining downsampling in one step;
     # `conv2d` computes such a convolution as a patch projection.
-    k = 2 ** (len(stage_channels) - stage)
+    k = ratio
     for index, (filters, size) in enumerate(
         ((hidden, 1), (hidden, k), (channels, 1)), start=1
     ):
@@ -112,8 +123,8 @@ def bottleneck_exit_head(
 
 def attention_exit_head(
     x,
-    stage: int,
-    stage_channels: tuple[int, ...],
+    deeper_channels: tuple[int, ...],
+    ratio: int,
     *,
     sync_batchnorm: bool = False,
     name: str,
@@ -128,22 +139,35 @@ def attention_exit_head(
     mask lies in `[0.5, 1)`, also as in the reference.
 
     The attended map then passes through one stride-2 SepConv per deeper
-    stage, whose output channels follow `stage_channels` (doubling for the
+    exit, whose output channels follow `deeper_channels` (doubling for the
     standard widths), ending at the deepest stage's channels and resolution.
 
     Args:
-        x: Output of stage `stage`, shape `(batch, H, W, C)`, with `H` and `W`
+        x: The stage's output, shape `(batch, H, W, C)`, with `H` and `W`
             even.
-        stage: 1-based index of the stage `x` comes from.
-        stage_channels: Output channels of every stage of the backbone.
+        deeper_channels: Output channels of every deeper exit's stage, the
+            deepest last.
+        ratio: The stage's resolution over the deepest stage's: it must be
+            `2 ** len(deeper_channels)`, each exit at half the resolution of
+            the next.
         sync_batchnorm: Whether batch statistics are synchronized across
             replicas.
         name: Prefix of the layer names, e.g. `"exit1_head"`.
 
     Returns:
-        Tensor of shape `(batch, H / 2 ** n, W / 2 ** n, stage_channels[-1])`
-        with `n = len(stage_channels) - stage`.
+        Tensor of shape `(batch, H / 2 ** n, W / 2 ** n, deeper_channels[-1])`
+        with `n = len(deeper_channels)`.
+
+    Raises:
+        ValueError: `ratio` is not `2 ** len(deeper_channels)`, or `H` or `W`
+            is odd (the mask's upsampling restores even sizes only).
     """
+    if ratio != 2 ** len(deeper_channels) or any(
+            size is not None and size % 2 for size in x.shape[1:3]):
+        raise ValueError(
+            f"exit_head: attention heads need each exit at half the resolution of the "
+            f"next and even sizes; got a {tuple(x.shape[1:3])} stage {ratio}x the deepest's "
+            f"with {len(deeper_channels)} deeper exits; use bottleneck or pooled")
     mask = sep_conv(
         x,
         x.shape[-1],
@@ -160,7 +184,7 @@ def attention_exit_head(
         mask
     )
     x = keras.layers.Multiply(name=f"{name}_attend")([x, mask])
-    for index, filters in enumerate(stage_channels[stage:], start=1):
+    for index, filters in enumerate(deeper_channels, start=1):
         x = sep_conv(
             x,
             filters,
@@ -174,13 +198,16 @@ def attention_exit_head(
 def exit_classifier(x, num_classes: int, index: int):
     """Pools a feature map into the exit's feature and classifies it.
 
+    Features ``[B, D]`` (a backbone that pools itself) are the exit's
+    feature as they are.
+
     Both layers compute in float32 so that distillation losses see
     full-precision features and logits under a mixed-precision policy. The
     Dense layer uses PyTorch's `nn.Linear` default initialization
     (`U(-1/sqrt(D), 1/sqrt(D))` for kernel and bias).
 
     Args:
-        x: Feature map of shape `(batch, H, W, D)`.
+        x: Feature map of shape `(batch, H, W, D)`, or features `(batch, D)`.
         num_classes: Number of classes.
         index: 1-based exit index, used in the layer names
             `exit{index}_features` and `exit{index}_logits`.
@@ -189,9 +216,10 @@ def exit_classifier(x, num_classes: int, index: int):
         Tuple `(features, logits)` of float32 tensors with shapes
         `(batch, D)` and `(batch, num_classes)`.
     """
-    features = keras.layers.GlobalAveragePooling2D(
-        dtype="float32", name=f"exit{index}_features"
-    )(x)
+    pool = (keras.layers.GlobalAveragePooling2D if len(x.shape) == 4
+            # Only casts to float32, like the pooling does.
+            else keras.layers.Identity)
+    features = pool(dtype="float32", name=f"exit{index}_features")(x)
     bound = 1.0 / math.sqrt(x.shape[-1])
     logits = keras.layers.Dense(
         num_classes,
@@ -205,9 +233,44 @@ def exit_classifier(x, num_classes: int, index: int):
     return features, logits
 
 
+def pooled_exit_head(
+    x,
+    deeper_channels: tuple[int, ...],
+    ratio: int,
+    *,
+    sync_batchnorm: bool = False,
+    name: str,
+):
+    """The cheap exit head: average pooling, then a 1x1 convolution to `D`.
+
+    `kxk average pooling, stride k (k = ratio; none for k = 1) -> 1x1 conv
+    (D, no bias) -> BN -> ReLU`, with `D = deeper_channels[-1]`: `C D`
+    weights, against `(D / 4)^2 k^2 + ...` for the bottleneck head (e.g.
+    0.5M against 17.3M for a 256-channel stage of a 2048-wide network at
+    `k = 8`).
+
+    Args:
+        x: The stage's output, shape `(batch, H, W, C)`.
+        deeper_channels: Output channels of every deeper exit's stage, the
+            deepest last.
+        ratio: The stage's resolution over the deepest stage's, `k >= 1`.
+        sync_batchnorm: Whether batch statistics are synchronized across
+            replicas.
+        name: Prefix of the layer names, e.g. `"exit1_head"`.
+
+    Returns:
+        Tensor of shape `(batch, H // k, W // k, D)`.
+    """
+    if ratio > 1:
+        x = keras.layers.AveragePooling2D(ratio, name=f"{name}_pool")(x)
+    return conv_bn(x, deeper_channels[-1], 1, sync_batchnorm=sync_batchnorm, name=name,
+                   suffix="1")
+
+
 _HEAD_BUILDERS = {
     "bottleneck": bottleneck_exit_head,
     "attention": attention_exit_head,
+    "pooled": pooled_exit_head,
 }
 
 EXIT_HEADS = tuple(_HEAD_BUILDERS)

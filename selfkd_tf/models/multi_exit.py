@@ -20,6 +20,7 @@ read from outside the exit (`exit_segments`), so the network can be cut into
 the consecutive pieces an early-exit cascade runs one by one.
 
 - `check_multi_exit` checks a model against the contract, in one line;
+- `as_multi_exit` takes a plain classifier as a one-exit network;
 - `attach_exits` adds the exits to a backbone's stages;
 - `exit_model` cuts the classifier of one exit (or of the ensemble);
 - `exit_segments` cuts the network into stages and exit heads.
@@ -41,6 +42,7 @@ from collections.abc import Sequence
 
 import keras
 
+from selfkd_tf.models import stages
 from selfkd_tf.models.exit_heads import exit_classifier, get_exit_head
 
 ENSEMBLE = "ensemble"
@@ -108,60 +110,117 @@ def check_multi_exit(backbone) -> tuple[int, int, int]:
     return len(logits), int(logits[-1].shape[-1]), int(features[-1].shape[-1])
 
 
+def as_multi_exit(model: keras.Model) -> keras.Model:
+    """``model`` itself if it keeps the contract; a plain classifier as one exit.
+
+    A functional model from images to logits ``[B, classes]`` becomes a
+    one-exit network whose feature is its logits (with one exit no feature
+    loss reads them), sharing its layers.
+
+    Raises:
+        ValueError: one line: the classifier outputs probabilities (a
+            softmax), from which the objective cannot recover logits.
+    """
+    output = getattr(model, "output", None) if isinstance(model, keras.Model) else None
+    if output is None or isinstance(output, (dict, list, tuple)) or len(output.shape) != 2:
+        return model
+    producer = output._keras_history.operation
+    activation = getattr(producer, "activation", None)
+    if (isinstance(producer, keras.layers.Softmax)
+            or getattr(activation, "__name__", None) == "softmax"):
+        raise ValueError(
+            f"backbone: {model.name} outputs probabilities (its last layer "
+            f"{producer.name!r} applies a softmax); build it to output logits "
+            "(keras.applications: classifier_activation=None)")
+    return keras.Model(model.input, {"logits": [output], "features": [output]},
+                       name=model.name)
+
+
 def attach_exits(
     backbone: keras.Model,
     num_classes: int,
-    exits: Sequence[str],
+    exits: str | int | Sequence[str] = "auto",
     exit_head: str = "bottleneck",
+    *,
+    image_shape: Sequence[int] | None = None,
     sync_batchnorm: bool = False,
     name: str | None = None,
 ) -> keras.Model:
-    """Adds a classifier exit to each of ``backbone``'s stages.
+    """Gives any functional model a classifier exit at each of its stages.
 
-    Exit ``k`` reads the output of the layer ``exits[k - 1]``; the deepest
-    exit, the last, reads the backbone's output. Every exit but the deepest
-    starts with an exit head that maps its stage to a map with the deepest
-    stage's channels and resolution; every exit then pools that map into
-    its feature ``F_k`` and classifies it into ``z_k``
+    The deepest exit reads the backbone's output: a feature map ``[B, h, w,
+    D]`` is pooled, features ``[B, D]`` are used as they are. Every other
+    exit reads a stage (`selfkd_tf.models.stages`): an exit head maps it to
+    ``D`` channels at about the deepest map's resolution (whatever the
+    channels and the resolution ratio), then the exit pools it into its
+    feature ``F_k [B, D]`` and classifies that into ``z_k [B, classes]``
     (`selfkd_tf.models.exit_heads`). Layers are named ``exit{k}_*``. The
     heads never feed back into the backbone, so the deepest exit is the
-    backbone plus its classifier.
+    backbone plus its classifier, and the network can be cut at every
+    exit's stage into the consecutive pieces a cascade runs.
 
     Args:
-        backbone: a functional model from images to its deepest stage's
-            feature map ``[B, h, w, D]``.
+        backbone: a functional (or built sequential) model of one image
+            input, without its classifier: ``include_top=False`` for
+            keras.applications, a keras-hub backbone, or one of your own.
+            Nested functional models are looked into.
         num_classes: classes of every exit.
-        exits: the names of the layers whose outputs are the stages,
-            shallowest first, the last being the backbone's output layer.
+        exits: where the shallow exits attach (see
+            `selfkd_tf.models.stages.resolve_exits`): ``"auto"`` (one exit
+            per stage before the deepest resolution, at most 4 exits in
+            all), a number of exits ``N`` (the deepest included), or the
+            references of the stages, shallowest first, as `find_stages`
+            lists them; the last may name the backbone's output.
         exit_head: one of `selfkd_tf.models.exit_heads.EXIT_HEADS`.
+        image_shape: ``(height, width, channels)`` of the images, needed
+            when the backbone's input leaves them open.
         sync_batchnorm: whether the heads' batch norms synchronise their
             statistics across replicas.
         name: the model's name; default ``f"{backbone.name}_multi_exit"``.
 
     Returns:
-        A functional model with the multi-exit contract (`check_multi_exit`),
-        sharing the backbone's layers.
+        A functional model with the multi-exit contract (`check_multi_exit`)
+        on an input named ``"image"`` of ``image_shape``, sharing the
+        backbone's layers (nested models are inlined: their layers become
+        the new model's).
 
     Raises:
-        ValueError: an unknown ``exit_head``, or ``exits`` whose last entry
-            is not the backbone's output.
+        ValueError: one line: a subclassed model, an unknown
+            ``exit_head``, ``exits`` that name no tensor, one the graph
+            cannot be cut at, or more exits than stages, or an output that
+            is neither a feature map nor features.
+
+    Example:
+
+    ```python
+    trunk = keras.applications.MobileNetV3Small(
+        input_shape=(96, 96, 3), include_top=False, weights=None)
+    backbone = attach_exits(trunk, num_classes=10, exit_head="pooled")
+    model = SelfKDModel(backbone, num_train_examples=5000)
+    ```
     """
     head = get_exit_head(exit_head)
-    stages = [backbone.get_layer(reference).output for reference in exits]
-    if stages[-1] is not backbone.output:
+    flat = stages.flatten(backbone, image_shape)
+    output = flat.output
+    if len(output.shape) not in (2, 4) or output.shape[-1] is None:
         raise ValueError(
-            f"exits: the deepest exit reads the backbone's output, the layer "
-            f"{backbone.output._keras_history.operation.name!r}; got {exits[-1]!r}")
-    stage_channels = tuple(x.shape[-1] for x in stages)
+            f"backbone: its output must be a feature map [B, h, w, D] or features [B, D]; "
+            f"got {tuple(output.shape)} (pool token outputs into features first)")
+    shallow = stages.resolve_exits(flat, exits)
+    deepest_map = output if len(output.shape) == 4 else stages.stage_tensors(flat)[-1]
+    channels = [x.shape[-1] for x in shallow] + [output.shape[-1]]
     logits, features = [], []
-    for k, x in enumerate(stages, start=1):
-        if k < len(stages):
-            x = head(x, k, stage_channels, sync_batchnorm=sync_batchnorm,
-                     name=f"exit{k}_head")
+    for k, x in enumerate(shallow, start=1):
+        ratio = max(1, round(x.shape[1] / deepest_map.shape[1]))
+        x = head(x, tuple(channels[k:]), ratio, sync_batchnorm=sync_batchnorm,
+                 name=f"exit{k}_head")
         feature, logit = exit_classifier(x, num_classes, k)
         features.append(feature)
         logits.append(logit)
-    return keras.Model(backbone.input, {"logits": logits, "features": features},
+    feature, logit = exit_classifier(output, num_classes, len(shallow) + 1)
+    features.append(feature)
+    logits.append(logit)
+    return keras.Model(flat.inputs, {"logits": logits, "features": features},
                        name=name or f"{backbone.name}_multi_exit")
 
 

@@ -152,7 +152,7 @@ class Conv2D(keras.layers.Conv2D):
     under the snake-cased class name (`conv2d_7`): networks saved with plain
     `Conv2D` layers and networks built with this layer lay their weights out
     identically, so either loads the other's files
-    (`upgrade_convolutions`).
+    (`selfkd_tf.models.conversion.upgrade_layers`).
 
     Example:
 
@@ -253,57 +253,6 @@ def _is_strided_pointwise(
         and tuple(dilation_rate) == (1, 1)
         and data_format == "channels_last"
     )
-
-
-def upgrade_convolutions(config: dict) -> dict:
-    """A serialized functional model with this module's convolution layers.
-
-    Networks saved by earlier versions hold `keras.layers.Conv2D` and
-    `keras.layers.DepthwiseConv2D` layers, which reach the CPU kernels'
-    defects that `Conv2D` and `DepthwiseConv2D` route around (strided
-    `1 x 1` convolutions, empty batches). The two compute the same
-    function with the same weights, laid out the same way in a `.keras`
-    file, so loading such a file through this config gives the same outputs
-    without the defects. Every other entry is returned unchanged.
-
-    Args:
-        config: `keras.saving.serialize_keras_object` of a functional model
-            (or the same read from a `.keras` file).
-
-    Returns:
-        A copy of `config`; the input is not modified.
-
-    Example:
-
-    >>> config = keras.saving.serialize_keras_object(saved_backbone)
-    >>> backbone = keras.saving.deserialize_keras_object(
-    ...     upgrade_convolutions(config))
-    """
-    layers = config.get("config", {}).get("layers")
-    if not isinstance(layers, list):
-        return config
-    identities = {
-        cls.__name__: {
-            "module": cls.__module__,
-            "class_name": cls.__name__,
-            "registered_name": keras.saving.get_registered_name(cls),
-        }
-        for cls in (Conv2D, DepthwiseConv2D)
-    }
-
-    def upgraded(layer):
-        plain = (
-            isinstance(layer, dict)
-            and layer.get("module") == "keras.layers"
-            and layer.get("class_name") in identities
-            and isinstance(layer.get("config"), dict)
-        )
-        return {**layer, **identities[layer["class_name"]]} if plain else layer
-
-    return {
-        **config,
-        "config": {**config["config"], "layers": [upgraded(l) for l in layers]},
-    }
 
 
 def _pad_for_stride(x, kernel_size: int, strides: int, name: str):

@@ -364,6 +364,7 @@ def build_multi_exit_resnet(
         num_classes,
         exits=stage_output_names(arch, num_stages),
         exit_head=exit_head,
+        image_shape=tuple(input_shape),
         sync_batchnorm=sync_batchnorm,
         name=name or f"{arch}_multi_exit",
     )

@@ -7,3 +7,5 @@ from selfkd_tf.optimizers.sgd import SGD
 from selfkd_tf.optimizers.sgd import convert_momentum
 from selfkd_tf.optimizers.sgd import momentum_holds_rate
 from selfkd_tf.optimizers.sgd import sgd_with_momentum
+from selfkd_tf.optimizers.weight_decay import DECAY_EXCLUSIONS
+from selfkd_tf.optimizers.weight_decay import decayed_variables

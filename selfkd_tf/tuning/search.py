@@ -73,6 +73,7 @@ from selfkd_tf import data as data_lib
 from selfkd_tf.distribution import strategy as distribute
 from selfkd_tf import files
 from selfkd_tf.distillation.model import SelfKDModel
+from selfkd_tf.models.multi_exit import check_multi_exit
 from selfkd_tf.experiment.builders import build_datasets, build_model, compile_model, seed_everything
 from selfkd_tf.rundir.layout import RESUME_SAFE_FIELDS
 from selfkd_tf.tuning.search_space import LOG_SAMPLED, TuneSettings
@@ -124,6 +125,15 @@ class SelfKDHyperModel(keras_tuner.HyperModel):
         self._info = None
         self._datasets_key = None
         self._datasets = None
+        self._num_exits = None
+
+    @property
+    def num_exits(self) -> int:
+        """The networks' exits (a first build counts those of a backbone of one's own)."""
+        if self._num_exits is None:
+            self._num_exits = check_multi_exit(build_model(self.settings, self.info).backbone)[0]
+            keras.backend.clear_session()
+        return self._num_exits
 
     @property
     def info(self) -> data_lib.DatasetInfo:
@@ -239,7 +249,7 @@ def make_tuner(
     common = dict(
         hypermodel=hypermodel,
         objective=keras_tuner.Objective(
-            options.objective_name(settings), options.objective_direction(settings)),
+            options.objective_name(hypermodel.num_exits), options.objective_direction()),
         seed=settings.seed,
         executions_per_trial=options.executions_per_trial,
         distribution_strategy=strategy,
@@ -395,9 +405,9 @@ def tune(
     seed_everything(settings)
     strategy = distribute.make_strategy(settings.distribute)
     hypermodel = SelfKDHyperModel(settings, tune_settings)
-    # A first build proves the data and the model before anything is written.
-    build_model(settings, hypermodel.info)
-    keras.backend.clear_session()
+    # A first build proves the data and the model before anything is written,
+    # and counts the exits the objective names.
+    tune_settings.check_objective(hypermodel.num_exits)
 
     tuner_dir = tune_settings.resolved_dir(settings)
     record = {**settings.to_json(), **tune_settings.to_json(), "tuner_dir": tuner_dir}
@@ -416,7 +426,7 @@ def tune(
         tuner.search_space_summary()
     tuner.search(callbacks=list(callbacks), verbose=verbose)
 
-    objective = tune_settings.objective_name(settings)
+    objective = tune_settings.objective_name(hypermodel.num_exits)
     trials = tuple(
         _summary(trial, hypermodel.dimensions, settings.epochs)
         for trial in tuner.oracle.get_best_trials(len(tuner.oracle.trials))
@@ -425,7 +435,7 @@ def tune(
     )
     result = SearchResult(
         tuner_dir=tuner_dir, objective=objective,
-        direction=tune_settings.objective_direction(settings), trials=trials,
+        direction=tune_settings.objective_direction(), trials=trials,
         retrain=retrain_settings(settings, trials[0], tuner_dir) if trials else None,
         train_examples=hypermodel.info.num_train,
         validation_examples=hypermodel.info.num_eval,

@@ -25,9 +25,11 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Sequence
 
 from selfkd_tf.experiment.settings import TrainSettings
+from selfkd_tf.models import applications
 
 from selfkd_tf.errors import SettingsError
 
@@ -103,12 +105,22 @@ class TuneSettings:
             and (_METHOD_OF[name] is None or _METHOD_OF[name] in settings.methods)
         )
 
-    def objective_name(self, settings: TrainSettings) -> str:
-        """``objective``, or the deepest exit's validation accuracy."""
-        return self.objective or f"val_exit{settings.num_stages}_accuracy"
+    def objective_name(self, num_exits: int) -> str:
+        """``objective``, or the deepest of ``num_exits`` exits' validation accuracy."""
+        return self.objective or f"val_exit{num_exits}_accuracy"
 
-    def objective_direction(self, settings: TrainSettings) -> str:
-        return "min" if self.objective_name(settings) == "val_loss" else "max"
+    def objective_direction(self) -> str:
+        return "min" if self.objective == "val_loss" else "max"
+
+    def check_objective(self, num_exits: int) -> None:
+        """Raises `SettingsError` unless ``objective`` names a metric of a
+        network of ``num_exits`` exits (known once it is built: a backbone
+        of one's own has as many as its ``exits`` give)."""
+        objectives = [f"val_exit{i}_accuracy" for i in range(1, num_exits + 1)]
+        objectives += ["val_ensemble_accuracy", "val_loss"]
+        if self.objective is not None and self.objective not in objectives:
+            raise SettingsError(
+                "objective", f"got {self.objective!r}; allowed: {', '.join(objectives)}")
 
     def validate(self, settings: TrainSettings) -> None:
         """Raises `SettingsError` naming the first invalid flag.
@@ -131,11 +143,13 @@ class TuneSettings:
         if self.tuner == "hyperband":
             _check_positive_int("hyperband_factor", self.hyperband_factor, minimum=2)
             _check_positive_int("hyperband_iterations", self.hyperband_iterations)
-        objectives = [f"val_exit{i}_accuracy" for i in range(1, settings.num_stages + 1)]
-        objectives += ["val_ensemble_accuracy", "val_loss"]
-        if self.objective is not None and self.objective not in objectives:
+        if not applications.is_foreign(settings.arch):
+            self.check_objective(settings.num_stages)
+        elif self.objective is not None and not re.fullmatch(
+                r"val_exit[1-9][0-9]*_accuracy|val_ensemble_accuracy|val_loss", self.objective):
             raise SettingsError(
-                "objective", f"got {self.objective!r}; allowed: {', '.join(objectives)}")
+                "objective", f"got {self.objective!r}; allowed: val_exit<i>_accuracy, "
+                "val_ensemble_accuracy, val_loss")
         unknown = [name for name in self.search if name not in DIMENSIONS]
         if unknown:
             raise SettingsError(
