@@ -278,6 +278,44 @@ def test_convert_layers_sets_momentum_and_sync_everywhere_with_the_same_outputs(
                                rtol=1e-5, atol=1e-5)
 
 
+def test_sync_batchnorm_refuses_a_batch_norm_it_cannot_reach():
+    class NormedConv(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = layers.Conv2D(8, 3, strides=2, padding="same")
+            self.norm = layers.BatchNormalization()
+
+        def call(self, x, training=None):
+            return self.norm(self.conv(x), training=training)
+
+    images = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="early")(images)
+    backbone = skd.attach_exits(keras.Model(images, NormedConv(name="custom")(x)), 2,
+                                exits=["early"])
+    with pytest.raises(ValueError) as raised:
+        skd.convert_layers(backbone, sync_batchnorm=True)
+    assert str(raised.value) == ("sync_batchnorm: the layer 'custom' (NormedConv) keeps 1 "
+                                 "batch norms inside it, which cannot be synchronised")
+    # Unregistered, it is rebuilt by its own class; its batch norm is reached.
+    converted = skd.convert_layers(backbone, batchnorm_momentum=0.5)
+    assert converted.get_layer("custom").norm.momentum == 0.5
+
+    class Unrebuildable(layers.Layer):
+        def __init__(self, filters):  # not in its config
+            super().__init__()
+            self.conv = layers.Conv2D(filters, 3, strides=2)
+
+        def call(self, x):
+            return self.conv(x)
+
+    x = layers.Conv2D(4, 3, padding="same", name="early")(images)
+    backbone = skd.attach_exits(keras.Model(images, Unrebuildable(6)(x)), 2, exits=["early"])
+    with pytest.raises(ValueError, match="^backbone: .* cannot be rebuilt from its config") \
+            as raised:
+        skd.convert_layers(backbone)
+    assert "\n" not in str(raised.value)
+
+
 def test_refused_files_run_no_code(tmp_path):
     """A .keras backbone with a Lambda and a keras-hub preset naming a
     function are refused in safe mode before any code runs."""

@@ -110,8 +110,9 @@ def convert_layers(model: keras.Model, *, batchnorm_momentum: float | None = Non
         as it is.
 
     Raises:
-        ValueError: ``sync_batchnorm`` and a batch norm inside a custom
-            layer, where it cannot be reached (one line naming the layer).
+        ValueError: one line: ``sync_batchnorm`` and a batch norm inside a
+            custom layer, where it cannot be reached (naming the layer), or
+            a network that its config does not rebuild.
     """
     for layer in model.layers:
         inner = [sub for sub in layer._flatten_layers(include_self=False)
@@ -120,12 +121,25 @@ def convert_layers(model: keras.Model, *, batchnorm_momentum: float | None = Non
             raise ValueError(
                 f"sync_batchnorm: the layer {layer.name!r} ({type(layer).__name__}) keeps "
                 f"{len(inner)} batch norms inside it, which cannot be synchronised")
-        if batchnorm_momentum is not None:
-            for sub in inner:
-                sub.momentum = batchnorm_momentum
     config = upgrade_layers(keras.saving.serialize_keras_object(model),
                             batchnorm_momentum=batchnorm_momentum,
                             sync_batchnorm=sync_batchnorm)
-    converted = keras.saving.deserialize_keras_object(config)
-    converted.set_weights(model.get_weights())
+    # The model's own classes rebuild it, registered for Keras or not.
+    own = {type(layer).__name__: type(layer) for layer in model._flatten_layers()}
+    try:
+        with keras.saving.custom_object_scope(own):
+            converted = keras.saving.deserialize_keras_object(config)
+        converted.set_weights(model.get_weights())
+    except (TypeError, ValueError) as error:
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
+                      type(error).__name__)
+        raise ValueError(
+            f"backbone: {model.name} cannot be rebuilt from its config to convert its "
+            f"layers (a custom layer's get_config must give its constructor's arguments): "
+            f"{reason[:300]}") from None
+    if batchnorm_momentum is not None:
+        # Batch norms inside custom layers, which the config does not list.
+        for layer in converted._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = batchnorm_momentum
     return converted
