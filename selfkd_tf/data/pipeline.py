@@ -401,7 +401,8 @@ def make_datasets(
         mean, std = statistics.channel_stats(x_train)
     else:
         mean, std = statistics.streamed_stats(
-            train_reader, _streamed_keys(train_split), augmentation, size, batch_size)
+            train_reader, _streamed_keys(train_split), num_train, augmentation, size,
+            batch_size)
 
     info = DatasetInfo(
         name=source.name if path is None else f"{source.name}:{path}",
@@ -434,7 +435,7 @@ def make_datasets(
     if epochs is not None:
         train.epoch_range = EpochRange(initial_epoch, epochs, info.steps_per_epoch)
     evaluation = streaming.eval_dataset(
-        eval_keys, builder(eval_reader, False), batch_size, share)
+        eval_keys, builder(eval_reader, False), num_eval, batch_size, share)
     return train, evaluation, info
 
 

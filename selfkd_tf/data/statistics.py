@@ -34,14 +34,15 @@ def channel_stats(
 
 
 def streamed_stats(
-    reader, keys: tf.data.Dataset, augmentation: str, size: tuple[int, int],
-    batch_size: int,
+    reader, keys: tf.data.Dataset, num_examples: int, augmentation: str,
+    size: tuple[int, int], batch_size: int,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """`channel_stats` of images read from their files: one decoding pass.
 
     Args:
         reader: a `selfkd_tf.data.streaming` reader of the training split.
         keys: the keys of its examples (`selfkd_tf.data.streaming.eval_dataset`).
+        num_examples: how many.
         augmentation: the run's; the images are those evaluation would see
             (centre crops for ``"imagenet"``).
         size: `(H, W)` of those images.
@@ -56,7 +57,7 @@ def streamed_stats(
     # Raw pixels in 0..255: uint8 for one size, exactly.
     exact = augmentation != "imagenet"
     for features, _ in streaming.eval_dataset(
-            keys, build, batch_size, WorkerShare()).as_numpy_iterator():
+            keys, build, num_examples, batch_size, WorkerShare()).as_numpy_iterator():
         pixels = features["image"].reshape(-1, 3)
         sums.add(np.round(pixels).astype(np.uint8) if exact else pixels)
     return sums.stats()

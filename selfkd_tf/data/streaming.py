@@ -254,13 +254,14 @@ def record_batches(
 # --- Datasets -----------------------------------------------------------------------
 
 
-def _own_pieces(batch_size: int, share: WorkerShare):
-    """`(step, keys)` of a global batch -> `(step, replica, keys)` of each of
-    this worker's replicas' pieces."""
+def _pieces_of(batches: tf.data.Dataset, batch_size: int, share: WorkerShare):
+    """`(step, keys)` global batches -> `(step, replica, keys)`, one element per
+    piece of this worker's replicas."""
+    if share.num_replicas == 1:
+        return batches.map(
+            _plain(lambda step, keys: (step, tf.constant(0, tf.int64), keys)))
 
     def pieces(step, keys):
-        if share.num_replicas == 1:
-            return tf.data.Dataset.from_tensors((step, tf.constant(0, tf.int64), keys))
         rows = tf.shape(keys["index"], out_type=tf.int64)[0]
         starts, stops = plan_lib.piece_bounds(rows, batch_size, share)
 
@@ -269,7 +270,7 @@ def _own_pieces(batch_size: int, share: WorkerShare):
 
         return tf.data.Dataset.range(share.replicas_per_worker).map(_plain(piece))
 
-    return _plain(pieces)
+    return batches.flat_map(_plain(pieces))
 
 
 def train_dataset(
@@ -299,8 +300,7 @@ def train_dataset(
     else:
         epoch_numbers = tf.data.Dataset.range(initial_epoch, epochs)
     batches = (
-        epoch_numbers.flat_map(_plain(epoch_batches))
-        .flat_map(_own_pieces(batch_size, share))
+        _pieces_of(epoch_numbers.flat_map(_plain(epoch_batches)), batch_size, share)
         .map(
             _plain(lambda step, replica, keys: (build(keys), step, replica)),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -334,21 +334,23 @@ def train_dataset(
 
 
 def eval_dataset(
-    keys: tf.data.Dataset, build, batch_size: int, share: WorkerShare
+    keys: tf.data.Dataset, build, num_examples: int, batch_size: int, share: WorkerShare
 ) -> tf.data.Dataset:
     """Unshuffled, unaugmented batches of this worker, in order.
 
     Args:
         keys: the keys of every example, one element each, in order.
         build: a `batch_builder`.
+        num_examples: the examples `keys` holds.
         batch_size: the global batch size.
         share: this worker's replicas.
     """
+    batches = math.ceil(num_examples / batch_size)
     return (
-        keys.batch(batch_size)
-        .enumerate()
-        .flat_map(_own_pieces(batch_size, share))
+        _pieces_of(keys.batch(batch_size).enumerate(), batch_size, share)
         .map(_plain(lambda step, replica, piece: build(piece)),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
+        .apply(tf.data.experimental.assert_cardinality(
+            batches * share.replicas_per_worker))
     )
