@@ -57,6 +57,11 @@ def test_settings_round_trip_through_json():
     assert TrainSettings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
     with pytest.raises(SettingsError, match="unknown settings"):
         TrainSettings.from_json({"arch": "resnet18", "depth": 3})
+    # Runs written before --stem existed used the CIFAR stem; new runs follow
+    # the image size.
+    old = settings.to_json()
+    del old["stem"]
+    assert TrainSettings.from_json(old).stem == "cifar" and settings.stem == "auto"
 
 
 def test_every_float_setting_refuses_infinity_and_nan():
@@ -103,6 +108,10 @@ def test_every_float_setting_refuses_infinity_and_nan():
     (dict(mixed_precision="fp8"), "mixed_precision", "bfloat16"),
     (dict(dataset=""), "dataset", "folder:PATH"),
     (dict(pskd_alpha=2.0), "pskd_alpha", "[0, 1]"),
+    (dict(stem="resnet"), "stem", "auto, cifar, imagenet"),
+    (dict(augmentation="autoaugment"), "augmentation", "cifar, imagenet, none"),
+    (dict(augment=False, augmentation="imagenet"), "augment", "give one of them"),
+    (dict(cache="disk"), "cache", "auto, memory, none"),
 ])
 def test_validate_names_the_flag_and_the_allowed_values(change, flag, allowed):
     with pytest.raises(SettingsError) as error:
@@ -127,13 +136,16 @@ def test_every_setting_is_a_flag_with_its_default():
     assert settings.methods == ()
     assert settings.byot_exits == (2, 1)
     assert (settings.epochs, settings.augment) == (7, False)
+    assert settings.effective_augmentation() == "none"
+    assert _parse("--augmentation=imagenet").effective_augmentation() == "imagenet"
     assert (settings.exit_head, settings.width_multiplier) == ("attention", 0.5)
     with pytest.raises(SettingsError, match="byot_exits"):
         _parse("--byot_exits=1,x")
 
 
 TRAIN_CONFIGS = ("cifar100_resnet18.flags", "cifar100_resnet50.flags",
-                 "cifar100_resnext50.flags", "smoke.flags", "cifar10_cpu.flags")
+                 "cifar100_resnext50.flags", "smoke.flags", "cifar10_cpu.flags",
+                 "imagenet_resnet50.flags")
 
 
 @pytest.mark.parametrize("config", TRAIN_CONFIGS)
@@ -403,3 +415,46 @@ def test_readme_lists_every_training_flag():
     listed = set(re.findall(r"`--(\w+)`", block))
     missing = [f.name for f in dataclasses.fields(TrainSettings) if f.name not in listed]
     assert not missing, f"README's flag list lacks --{', --'.join(missing)}"
+
+
+def test_a_1000_class_folder_trains_evaluates_and_exports(tmp_path):
+    """ImageNet's class count end to end, on 3,000 tiny JPEGs read from their
+    files as training goes."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for split, count in (("train", 2), ("test", 1)):
+        for label in range(1000):
+            folder = root / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            for number in range(count):
+                pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{number}.JPEG", quality=90)
+    run_dir = tmp_path / "run"
+    trained = run_cli(
+        "selfkd_tf.cli.train", f"--flagfile={CONFIGS / 'smoke.flags'}",
+        f"--dataset=folder:{root}", f"--model_dir={run_dir}", "--cache=none",
+        "--image_size=8", "--epochs=1", "--batch_size=500", "--train_examples=2000",
+        "--eval_examples=1000", "--methods=pskd,byot,dmfl")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["num_examples"], metrics["split"]) == (1000, "test")
+    data_record = json.loads((run_dir / "data.json").read_text())
+    assert (data_record["num_train"], data_record["num_classes"]) == (2000, 1000)
+
+    evaluated = run_cli("selfkd_tf.cli.evaluate", f"--model={run_dir}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((run_dir / "metrics_test.json").read_text())
+    assert [e["top1_err"] for e in again["exits"]] == [e["top1_err"] for e in metrics["exits"]]
+
+    exported = run_cli("selfkd_tf.cli.export", f"--model={run_dir}",
+                       f"--out={tmp_path / 'export'}")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    served = tf.saved_model.load(str(tmp_path / "export"))
+    answer = served.serve(tf.zeros([2, 8, 8, 3]) + 128.0)
+    assert answer["probabilities"].shape == (2, 1000)
+    assert answer["class_names"].numpy()[0].decode() in {
+        f"n{label:08d}" for label in range(1000)}

@@ -336,7 +336,7 @@ ERROR_CASES = {
         "imagenet",
         {},
         r"^unknown dataset 'imagenet'; expected one of 'cifar10', 'cifar100', "
-        r"'digits', 'cifar:PATH', 'folder:PATH', 'npz:PATH'$",
+        r"'digits', 'imagenet2012', 'cifar:PATH', 'folder:PATH', 'npz:PATH'$",
     ),
     "path given to a source without one": lambda p: (
         "digits:/tmp",

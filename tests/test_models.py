@@ -420,3 +420,55 @@ def test_files_with_plain_convolutions_load_with_the_same_outputs(tmp_path):
             np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
                                        keras.ops.convert_to_numpy(want),
                                        rtol=1e-5, atol=1e-6)
+
+
+# --- The ImageNet stem --------------------------------------------------------
+
+# torchvision's num_params of each model at 1000 classes (its model docs).
+TORCHVISION_PARAMETERS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnext50_32x4d": 25_028_904,
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_imagenet_stem_has_torchvision_parameter_counts(arch):
+    model = build_multi_exit_resnet(arch, 1000, input_shape=(224, 224, 3),
+                                    stem="imagenet")
+    assert trainable_count(deepest_submodel(model)) == TORCHVISION_PARAMETERS[arch]
+    # 7x7 stride-2 convolution and 3x3 stride-2 pooling: stage 1 sees 56x56.
+    assert model.get_layer("stem_conv").kernel.shape[:2] == (7, 7)
+    assert model.get_layer(f"stage1_block{1}_out").output.shape[1:3] == (56, 56)
+
+
+def test_imagenet_stem_pads_as_pytorch_does():
+    model = build_multi_exit_resnet("resnet18", 3, input_shape=(10, 10, 1), stem="imagenet",
+                                    width_multiplier=TINY, num_stages=2)
+    conv = model.get_layer("stem_conv")
+    kernel = np.zeros(conv.kernel.shape, np.float32)
+    kernel[:, :, 0, 0] = 1.0
+    conv.kernel.assign(kernel)
+    image = np.zeros((1, 10, 10, 1), np.float32)
+    image[0, 1, 1] = 1.0
+    conv_out = keras.Model(model.input, conv.output)(image)[0, :, :, 0]
+    # PyTorch pads 3 on every side: input pixel 1 is in the windows of the
+    # outputs r with 2r - 3 <= 1, r = 0, 1, 2 (Keras's "same" pads 2 before
+    # and 3 after, and would reach r = 0, 1 only).
+    expected = np.zeros((5, 5), bool)
+    expected[0:3, 0:3] = True
+    np.testing.assert_array_equal(np.asarray(conv_out) != 0, expected)
+    # Pooling pads by 1 on every side: 5x5 -> 3x3.
+    pooled = keras.Model(model.input, model.get_layer("stem_pool").output)(image)
+    assert pooled.shape[1:3] == (3, 3)
+
+
+@pytest.mark.parametrize("shape, stem", [((127, 200, 3), "cifar"), ((128, 128, 3), "imagenet"),
+                                         ((None, None, 3), "cifar"), ((32, 32, 3), "cifar")])
+def test_auto_stem_follows_the_image_size(shape, stem):
+    from selfkd_tf.models.resnet import resolve_stem
+
+    assert resolve_stem("auto", shape) == stem
+    model = build_multi_exit_resnet("resnet18", 3, input_shape=shape, width_multiplier=TINY)
+    assert ("stem_pool" in [layer.name for layer in model.layers]) == (stem == "imagenet")

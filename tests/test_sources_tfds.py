@@ -2,8 +2,9 @@
 
 Nothing here reaches the internet: the download check follows the
 environment's HTTPS proxy, as the download would, and the tests point it at
-a port on this machine that is closed (network down) or listening (network
-up, with TFDS's download step mocked).
+a port on this machine that is closed (network down) or never answers.
+A real TFDS copy prepared here from local files is read in
+`tests/test_streaming.py` too.
 """
 
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from selfkd_tf.data import DataError, load_arrays, make_datasets
 from selfkd_tf.data.sources import tfds as tfds_source
-from support import CIFAR10_MEAN, CONFIGS, command, environment, last_line, read_pass
+from support import CONFIGS, command, environment, last_line
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -50,33 +51,6 @@ def network_down(monkeypatch, closed_port):
     for name, value in proxy_environment(closed_port).items():
         monkeypatch.setenv(name, value)
     return closed_port
-
-
-@pytest.fixture
-def network_up(monkeypatch):
-    """A listening local 'proxy': the download check succeeds."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        for name, value in proxy_environment(server.getsockname()[1]).items():
-            monkeypatch.setenv(name, value)
-        yield
-
-
-def test_tfds_cifar10_with_mock_data(tmp_path, network_up):
-    with tfds.testing.mock_data(num_examples=12):
-        arrays = load_arrays("cifar10", data_dir=str(tmp_path))
-        train, _, info = make_datasets(
-            "cifar10", data_dir=str(tmp_path), batch_size=5
-        )
-    assert arrays.x_train.shape == (12, 32, 32, 3)
-    assert arrays.x_test.shape == (12, 32, 32, 3)
-    assert arrays.x_train.dtype == np.uint8 and arrays.y_train.dtype == np.int64
-    assert arrays.num_classes == 10 and arrays.y_train.max() < 10
-    assert info.name == "cifar10" and info.mean == CIFAR10_MEAN
-    assert info.steps_per_epoch == 3
-    indices, _ = read_pass(train, info)
-    np.testing.assert_array_equal(np.sort(indices), np.arange(12))
 
 
 def write_cifar10_binaries(folder, rng):

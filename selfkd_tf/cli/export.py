@@ -74,12 +74,11 @@ def _class_names(trained: TrainedModel) -> list[str] | None:
     if FLAGS.class_names is not None or trained.settings is None:
         return FLAGS.class_names
     try:
-        arrays = data.load_arrays(trained.settings.dataset, trained.settings.data_dir)
+        return list(data.class_names(trained.settings.dataset, trained.settings.data_dir))
     except data.DataError as err:
         raise SettingsError(
             "class_names", f"cannot read them from the run's dataset ({err}); "
             "pass them with --class_names") from err
-    return list(arrays.class_names)
 
 
 def _flag_error(error: ValueError) -> SettingsError:

@@ -21,11 +21,20 @@ The index rides inside `x` because Keras reads a 3-tuple as
 `(x, y, sample_weight)`.
 
 Determinism: the order of epoch `e` is a permutation derived statelessly from
-`(seed, e)`, and the augmentation of an example from `(seed, e, index)`. A run
-resumed at epoch `e` sees exactly the data an uninterrupted run sees, and every
-data-parallel replica that builds the datasets with the same arguments sees the
-same batches. The last batch of an epoch may be smaller than `batch_size`, so
-every example is seen once per epoch.
+`(seed, e)`, and the augmentation of an example from `(seed, e, index)`
+(`selfkd_tf.data.plan`; record files, which are read in sequence, are
+shuffled by file and within windows, also as a function of `(seed, e)`:
+`selfkd_tf.data.streaming.record_batches`). A run resumed at epoch `e`, or
+part-way through it, sees exactly the data an uninterrupted run sees, and every
+data-parallel replica and worker that builds the datasets with the same
+arguments sees its part of the same batches. The last batch of an epoch may be
+smaller than `batch_size`, so every example is seen once per epoch.
+
+Several workers (`share`, a `selfkd_tf.data.plan.WorkerShare`): each worker's
+datasets hold only its replicas' rows of every global batch, one element per
+step and replica, and it reads and decodes only those examples. The `index`
+stays global, the example's position in the whole training split, so every
+worker's rows address the one PS-KD table.
 
 Epochs of the training dataset:
 
@@ -56,7 +65,8 @@ module each (what each reads, and how, is documented there):
 
 - `"digits"`: scikit-learn's handwritten digits, shipped inside the installed
   package: no download, no files of your own;
-- `"cifar10"`, `"cifar100"`: TensorFlow Datasets, prepared in `data_dir`;
+- `"cifar10"`, `"cifar100"`, `"imagenet2012"`: TensorFlow Datasets, prepared
+  in `data_dir`;
 - `"cifar:PATH"`: the canonical CIFAR python pickles;
 - `"folder:PATH"`: `PATH/{train,test}/<class>/<image file>`;
 - `"npz:PATH"`: arrays `x_train`, `y_train`, `x_test`, `y_test`.
@@ -65,40 +75,57 @@ Every source refuses data that cannot be trained on (a `DataError` naming the
 problem): mismatched lengths, an empty split, labels out of range, a single
 class, fewer training examples than classes.
 
-Images are decoded once and held in memory as uint8; `image_size` resizes them
-once at load time (bilinear, antialiased).
+Memory (`cache`): data sources held in memory (`digits`, `cifar:`, `npz:`)
+stay there. Those that read files (`folder:`, TFDS) are decoded in the
+pipeline as they are used, with parallel calls and prefetching, keeping only
+file lists, labels and indices in memory (tens of bytes an image), unless
+their images fit `MEMORY_CACHE_BYTES` decoded at one size: then
+``cache="auto"`` (the default) decodes them once into memory as uint8.
+``cache="memory"`` always does, ``cache="none"`` never. A streamed and a
+cached run see the same images. `image_size` resizes every image
+(bilinear, antialiased); without it images take the size of the first
+training image. With ``augmentation="imagenet"`` each image is instead
+cropped at its own size to `image_size` (default 224), so its files are
+always streamed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from selfkd_tf.data import sources
-
-from selfkd_tf.data import splits
+from selfkd_tf.data import sources, splits, statistics, streaming
+from selfkd_tf.data.augmentation import AUGMENTATIONS
+from selfkd_tf.data.plan import WorkerShare
 from selfkd_tf.data.sources import DataError, ImageArrays
 from selfkd_tf.data.sources.arrays import resize_array
+from selfkd_tf.data.sources.folder import first_image_size
+from selfkd_tf.data.sources.streamed import FileSplit, StreamedData, decode_image
+from selfkd_tf.data.sources.tfds import IMAGENET_STATS
 
 __all__ = [
+    "CACHE_MODES",
+    "MEMORY_CACHE_BYTES",
     "DataError",
     "DatasetInfo",
     "ImageArrays",
+    "class_names",
     "load_arrays",
     "make_datasets",
 ]
 
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _NORMALIZATIONS = ("dataset", "imagenet")
-
-_CROP_PADDING = 4
-
-# Distinct streams of the stateless TF generator, per epoch.
-_ORDER_STREAM, _CROP_STREAM, _FLIP_STREAM = 0, 1, 2
+CACHE_MODES = ("auto", "memory", "none")
+MEMORY_CACHE_BYTES = 256 * 2**20
+"""``cache="auto"`` decodes a streamed data set into memory when its images,
+both splits, take at most this many bytes as uint8 at the size fed to the
+model (CIFAR-100's 60,000 32x32 images take 184 MB)."""
+IMAGENET_SIZE = 224
+"""The image size of ``augmentation="imagenet"`` when none is given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +166,8 @@ class DatasetInfo:
         std: per-channel standard deviation in [0, 1] pixel units.
         class_names: one name per class, in label order.
         steps_per_epoch: `ceil(num_train / batch_size)`.
+        cache: `"memory"` (images decoded once and held in memory) or
+            `"none"` (decoded as they are used).
     """
 
     name: str
@@ -151,6 +180,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     class_names: tuple[str, ...]
     steps_per_epoch: int
+    cache: str = "memory"
 
 
 def load_arrays(
@@ -163,9 +193,9 @@ def load_arrays(
 
     Args:
         dataset: one of `"digits"`, `"cifar10"`, `"cifar100"`,
-            `"cifar:PATH"`, `"folder:PATH"`, `"npz:PATH"` (see the module
-            docstring).
-        data_dir: TFDS data directory; only used by `"cifar10"`/`"cifar100"`.
+            `"imagenet2012"`, `"cifar:PATH"`, `"folder:PATH"`, `"npz:PATH"`
+            (see the module docstring).
+        data_dir: TFDS data directory; only used by the TFDS data sets.
         image_size: optional `H` or `(H, W)` every image is resized to.
 
     Returns:
@@ -194,12 +224,27 @@ def load_arrays(
     )
 
 
+def class_names(dataset: str, data_dir: str | None = None) -> tuple[str, ...]:
+    """The class names of a dataset, in label order, decoding no image where
+    the source reads files.
+
+    Raises:
+        DataError: as `load_arrays`.
+    """
+    source, path = sources.parse(dataset)
+    spec = sources.SourceSpec(source.name, path=path, data_dir=data_dir)
+    if source.stream is not None:
+        return source.stream(spec).class_names
+    return source.load(spec).class_names
+
+
 def make_datasets(
     dataset: str,
     *,
     data_dir: str | None = None,
     batch_size: int = 128,
     augment: bool = True,
+    augmentation: str | None = None,
     normalization: str | tuple[Sequence[float], Sequence[float]] = "dataset",
     validation_fraction: float = 0.0,
     train_examples: int | None = None,
@@ -210,19 +255,26 @@ def make_datasets(
     initial_epoch: int = 0,
     image_size: int | tuple[int, int] | None = None,
     eval_split: str | None = None,
+    cache: str = "auto",
+    share: WorkerShare | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DatasetInfo]:
     """Builds the training and evaluation pipelines of a dataset.
 
     Args:
         dataset: dataset string, see `load_arrays`.
-        data_dir: TFDS data directory for `"cifar10"`/`"cifar100"`.
-        batch_size: examples per batch; the last batch of an epoch and of the
-            evaluation split may be smaller.
-        augment: whether training images get the paper's augmentation: a
-            random `H x W` crop of the image zero-padded by 4 pixels (in raw
-            pixel space, before normalization) and a random horizontal flip.
-        normalization: `"dataset"` (published CIFAR statistics, otherwise the
-            statistics of the training split actually used), `"imagenet"`, or
+        data_dir: TFDS data directory for the TFDS data sets.
+        batch_size: examples per (global) batch; the last batch of an epoch
+            and of the evaluation split may be smaller.
+        augment: False is ``augmentation="none"``.
+        augmentation: `"cifar"` (the default; the paper's: a random `H x W`
+            crop of the image zero-padded by 4 pixels, in raw pixel space,
+            and a random horizontal flip), `"imagenet"` (random-resized
+            crop, flip, colour jitter and lighting for training; resize and
+            centre crop for evaluation; `selfkd_tf.data.augmentation`) or
+            `"none"`.
+        normalization: `"dataset"` (published statistics of CIFAR and
+            ImageNet, otherwise the statistics of the training split
+            actually used, computed at start-up), `"imagenet"`, or
             `(mean, std)` per channel in [0, 1] pixel units (the
             normalisation a backbone family expects,
             `selfkd_tf.models.applications.input_normalization`; mean 0 and
@@ -240,19 +292,25 @@ def make_datasets(
             to train several seeds on one and the same subset.
         epochs: total number of epochs, or None; see the module docstring.
         initial_epoch: first epoch the training dataset yields.
-        image_size: optional `H` or `(H, W)` every image is resized to.
+        image_size: optional `H` or `(H, W)` every image is resized (or,
+            with the ImageNet augmentation, cropped) to.
         eval_split: what the evaluation dataset holds: `"test"`,
             `"validation"` (needs `validation_fraction > 0`) or `"train"`
             (the training split actually used, unaugmented, to measure how
             well a model fits it); default `"validation"` when
             `validation_fraction > 0`, else `"test"`. `eval_examples` caps
             it in every case.
+        cache: `"auto"`, `"memory"` or `"none"`: whether a source that reads
+            files is decoded once into memory; see the module docstring.
+        share: this worker's replicas of a multi-worker run; default: one
+            worker with one replica.
 
     Returns:
         `(train, eval, info)`: two `tf.data.Dataset`s with elements
         `({"image": float32 [B, H, W, C], "index": int32 [B]}, int32 [B])`
         and their `DatasetInfo`. The training dataset is shuffled and
-        augmented; the evaluation dataset is neither.
+        augmented; the evaluation dataset is neither. With a `share` of
+        several replicas, each element is one replica's part of a batch.
 
     Raises:
         DataError: invalid argument or input data.
@@ -265,8 +323,10 @@ def make_datasets(
     >>> model.fit(train, validation_data=val, epochs=200,
     ...           steps_per_epoch=info.steps_per_epoch)  # doctest: +SKIP
     """
+    augmentation = _augmentation(augment, augmentation)
     if isinstance(normalization, str):
         _check_choice(normalization, "normalization", _NORMALIZATIONS)
+    _check_choice(cache, "cache", CACHE_MODES)
     _check_int(batch_size, "batch_size", minimum=1)
     _check_int(seed, "seed", minimum=0)
     if subset_seed is None:
@@ -290,21 +350,49 @@ def make_datasets(
             "validation_fraction must be a number in [0, 1); "
             f"got {validation_fraction!r}"
         )
+    size = _image_size(image_size)
+    if size is None and augmentation == "imagenet":
+        size = (IMAGENET_SIZE, IMAGENET_SIZE)
+    share = share or WorkerShare()
 
     default_split = "validation" if validation_fraction > 0 else "test"
     eval_split = eval_split or default_split
     _check_choice(eval_split, "eval_split", (default_split, "train"))
     source, path = sources.parse(dataset)
-    arrays = load_arrays(dataset, data_dir, image_size=image_size)
-    x_train, y_train, x_eval, y_eval = splits.select_examples(
-        arrays,
-        validation_fraction=validation_fraction,
-        train_examples=train_examples,
-        eval_split=eval_split,
-        eval_examples=eval_examples,
-        seed=subset_seed,
-    )
-    channels = x_train.shape[-1]
+    spec = sources.SourceSpec(source.name, path=path, data_dir=data_dir)
+    streamed = None
+    if source.stream is not None:
+        streamed = source.stream(spec)
+        size = size or _first_size(streamed)
+        if _cached(streamed, size, cache, augmentation):
+            streamed = None
+    select = {
+        "validation_fraction": validation_fraction, "train_examples": train_examples,
+        "eval_split": eval_split, "eval_examples": eval_examples, "seed": subset_seed,
+    }
+    if streamed is None:
+        arrays = load_arrays(dataset, data_dir, image_size=size)
+        size = size or arrays.x_train.shape[1:3]
+        x_train, y_train, x_eval, y_eval = splits.select_examples(arrays, **select)
+        train_reader = streaming.MemoryReader(x_train, y_train)
+        eval_reader = streaming.MemoryReader(x_eval, y_eval)
+        num_train, num_eval = len(y_train), len(y_eval)
+        names, published = arrays.class_names, arrays.published_stats
+        train_batches = streaming.plan_batches(
+            num_train, batch_size, seed=seed, augmentation=augmentation)
+        eval_keys = _index_keys(num_eval)
+    else:
+        train_split, eval_split_data = _select_streamed(streamed, select)
+        train_reader, eval_reader = (
+            _reader(split) for split in (train_split, eval_split_data))
+        num_train, num_eval = train_split.num_examples, eval_split_data.num_examples
+        names, published = streamed.class_names, streamed.published_stats
+        train_batches = _streamed_batches(train_split, batch_size, seed, augmentation)
+        eval_keys = _streamed_keys(eval_split_data)
+    channels = train_reader.channels
+    if augmentation == "imagenet" and channels != 3:
+        raise DataError(
+            f"augmentation='imagenet' needs 3-channel images; {dataset} has {channels}")
     if not isinstance(normalization, str):
         mean, std = (tuple(float(v) for v in stats) for stats in normalization)
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
@@ -317,246 +405,137 @@ def make_datasets(
                 "normalization='imagenet' needs 3-channel images; "
                 f"{dataset} has {channels}"
             )
-        mean, std = _IMAGENET_STATS
-    elif arrays.published_stats is not None:
-        mean, std = arrays.published_stats
+        mean, std = IMAGENET_STATS
+    elif published is not None:
+        mean, std = published
+    elif streamed is None:
+        mean, std = statistics.channel_stats(x_train)
     else:
-        mean, std = _channel_stats(x_train)
+        mean, std = statistics.streamed_stats(
+            train_reader, _streamed_keys(train_split), num_train, augmentation, size,
+            batch_size)
 
     info = DatasetInfo(
         name=source.name if path is None else f"{source.name}:{path}",
-        num_classes=arrays.num_classes,
-        num_train=len(y_train),
-        num_eval=len(y_eval),
+        num_classes=len(names),
+        num_train=num_train,
+        num_eval=num_eval,
         eval_split=eval_split,
-        image_shape=tuple(int(d) for d in x_train.shape[1:]),
+        image_shape=(*size, channels),
         mean=tuple(mean),
         std=tuple(std),
-        class_names=arrays.class_names,
-        steps_per_epoch=math.ceil(len(y_train) / batch_size),
+        class_names=names,
+        steps_per_epoch=math.ceil(num_train / batch_size),
+        cache="memory" if streamed is None else "none",
     )
-    train = _train_dataset(
-        _batch_builder(x_train, y_train, mean, std),
-        num_examples=len(y_train),
+
+    def builder(reader, training):
+        return streaming.batch_builder(
+            reader, mean=mean, std=std, augmentation=augmentation, size=size,
+            training=training)
+
+    train = streaming.train_dataset(
+        train_batches,
+        builder(train_reader, True),
+        num_examples=num_train,
         batch_size=batch_size,
-        augment=augment,
-        seed=seed,
         epochs=epochs,
         initial_epoch=initial_epoch,
+        share=share,
     )
     if epochs is not None:
         train.epoch_range = EpochRange(initial_epoch, epochs, info.steps_per_epoch)
-    evaluation = _eval_dataset(
-        _batch_builder(x_eval, y_eval, mean, std), len(y_eval), batch_size
-    )
+    evaluation = streaming.eval_dataset(
+        eval_keys, builder(eval_reader, False), num_eval, batch_size, share)
     return train, evaluation, info
 
 
-# --- Pipelines ----------------------------------------------------------------
-
-_BatchBuilder = Callable[..., tuple[dict[str, tf.Tensor], tf.Tensor]]
+# --- Streamed data --------------------------------------------------------------
 
 
-def _batch_builder(
-    images: np.ndarray,
-    labels: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> _BatchBuilder:
-    """Returns `build(index, offset=None, flip=None)` making one batch.
+def _cached(streamed: StreamedData, size, cache: str, augmentation: str) -> bool:
+    """Whether a streamed data set is decoded once into memory instead.
 
-    `index` is int `[B]`; `offset` (int32 `[B, 2]`) and `flip` (bool `[B]`),
-    given together, describe the crop and flip of each example. The images
-    stay in memory as one uint8 tensor and are gathered, augmented and
-    normalized a whole batch at a time.
+    Raises:
+        DataError: ``cache="memory"`` with the ImageNet augmentation.
     """
-    images = tf.constant(images)
-    labels = tf.constant(labels, dtype=tf.int32)
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    # (x / 255 - mean) / std as a single multiply-add.
-    scale = tf.constant(1.0 / (255.0 * std))
-    shift = tf.constant(-mean / std)
-
-    def build(index, offset=None, flip=None):
-        batch = tf.gather(images, index)
-        if offset is not None:
-            batch = _crop_and_flip(batch, offset, flip)
-        features = {
-            "image": tf.cast(batch, tf.float32) * scale + shift,
-            "index": tf.cast(index, tf.int32),
-        }
-        return features, tf.gather(labels, index)
-
-    return build
+    if augmentation == "imagenet":
+        if cache == "memory":
+            raise DataError(
+                "cache='memory' holds images at one size; augmentation='imagenet' "
+                "crops each image at its own size: use cache='auto' or 'none'")
+        return False
+    if cache != "auto":
+        return cache == "memory"
+    images = streamed.train.num_examples + streamed.test.num_examples
+    return images * size[0] * size[1] * 3 <= MEMORY_CACHE_BYTES
 
 
-def _crop_and_flip(
-    images: tf.Tensor, offset: tf.Tensor, flip: tf.Tensor
-) -> tf.Tensor:
-    """Crops each image from its zero-padded self, then optionally mirrors it.
+def _first_size(streamed: StreamedData) -> tuple[int, int]:
+    """The size of the first training image, which the others are resized to."""
+    train = streamed.train
+    if isinstance(train, FileSplit):
+        return first_image_size(train.paths)
+    _, record = next(iter(train.records(shuffle_files=None)))
+    encoded, _ = train.parse(record)
+    return tuple(int(d) for d in decode_image(encoded).shape[:2])
 
-    Args:
-        images: uint8 `[B, H, W, C]`.
-        offset: int32 `[B, 2]`, top-left corner `(row, col)` of each crop in
-            the image padded by `_CROP_PADDING`, in `[0, 2 * _CROP_PADDING]`.
-        flip: bool `[B]`, whether to mirror each crop horizontally.
 
-    Returns:
-        uint8 `[B, H, W, C]`.
+def _select_streamed(streamed: StreamedData, select: dict):
+    """The training and evaluation splits of a streamed data set.
+
+    Labels of record files are read (one pass, no image decoded) only when a
+    subset is asked for.
     """
-    height, width = images.shape[1], images.shape[2]
-    p = _CROP_PADDING
-    padded = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
-    rows = offset[:, :1] + tf.range(height)
-    cols = offset[:, 1:] + tf.range(width)
-    # Mirroring the crop is reading its columns right to left.
-    cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
-    # Two batched gathers crop every image at its own offset in one op each.
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+    train, test = streamed.train, streamed.test
+    if not (select["validation_fraction"] or select["train_examples"]
+            or select["eval_examples"]):
+        return train, (train if select["eval_split"] == "train" else test)
+    train_positions, (eval_from, evaluation) = splits.select_positions(
+        train.labels, test.labels, streamed.num_classes, **select)
+    return (train.subset(train_positions),
+            (train if eval_from == "train" else test).subset(evaluation))
 
 
-def _epoch_plan(
-    num_examples: int, seed: int, epoch: tf.Tensor, augment: bool
-) -> dict[str, tf.Tensor]:
-    """The order and augmentation of one epoch, a function of `(seed, epoch)`.
-
-    Returns:
-        `{"index": int32 [N]}` (a permutation of `range(N)`) and, when
-        `augment`, `"offset"` int32 `[N, 2]` and `"flip"` bool `[N]` aligned
-        with it: the crop and flip of example `index[i]` depend only on
-        `(seed, epoch, index[i])`.
-    """
-    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-
-    def stream(number):
-        return tf.random.experimental.stateless_fold_in(key, number)
-
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(num_examples), seed=stream(_ORDER_STREAM)
-    )
-    plan = {"index": order}
-    if augment:
-        # Drawn per example index, then read in epoch order.
-        offset = tf.random.stateless_uniform(
-            [num_examples, 2],
-            seed=stream(_CROP_STREAM),
-            maxval=2 * _CROP_PADDING + 1,
-            dtype=tf.int32,
-        )
-        flip = tf.random.stateless_uniform(
-            [num_examples], seed=stream(_FLIP_STREAM), maxval=2, dtype=tf.int32
-        )
-        plan["offset"] = tf.gather(offset, order)
-        plan["flip"] = tf.gather(flip, order) == 1
-    return plan
+def _reader(split):
+    return (streaming.FileReader(split) if isinstance(split, FileSplit)
+            else streaming.RecordReader(split))
 
 
-def _train_dataset(
-    build: _BatchBuilder,
-    *,
-    num_examples: int,
-    batch_size: int,
-    augment: bool,
-    seed: int,
-    epochs: int | None,
-    initial_epoch: int,
-) -> tf.data.Dataset:
-    """Shuffled, optionally augmented batches; see the module docstring."""
-    steps = math.ceil(num_examples / batch_size)
-
-    def epoch_batches(epoch):
-        plan = _epoch_plan(num_examples, seed, epoch, augment)
-
-        def batch_plan(step):
-            start = step * batch_size
-            return step, {
-                k: v[start : start + batch_size] for k, v in plan.items()
-            }
-
-        return tf.data.Dataset.range(steps).map(batch_plan)
-
-    if epochs is None:
-        next_epoch = tf.Variable(
-            initial_epoch, dtype=tf.int64, trainable=False, name="next_epoch"
-        )
-        epoch_numbers = tf.data.Dataset.from_tensors(0).map(
-            lambda _: next_epoch.read_value()
-        )
-    else:
-        epoch_numbers = tf.data.Dataset.range(initial_epoch, epochs)
-    batches = (
-        epoch_numbers.flat_map(epoch_batches)
-        .map(
-            lambda step, plan: (build(**plan), step),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    if epochs is not None:
-        return batches.map(lambda element, step: element).apply(
-            tf.data.experimental.assert_cardinality(
-                steps * (epochs - initial_epoch)
-            )
-        )
-
-    def count_completed_epoch(element, step):
-        # Runs when the consumer reads the batch (after the prefetch), so
-        # batches prefetched by an abandoned iterator do not count.
-        completed = tf.cast(step == steps - 1, tf.int64)
-        with tf.control_dependencies([next_epoch.assign_add(completed)]):
-            return tf.nest.map_structure(tf.identity, element)
-
-    options = tf.data.Options()
-    # A prefetch injected after the counting map would count ahead of the
-    # consumer.
-    options.experimental_optimization.inject_prefetch = False
-    return (
-        batches.map(count_completed_epoch)
-        .apply(tf.data.experimental.assert_cardinality(steps))
-        .with_options(options)
-    )
+def _streamed_batches(split, batch_size: int, seed: int, augmentation: str):
+    if isinstance(split, FileSplit):
+        return streaming.plan_batches(
+            split.num_examples, batch_size, seed=seed, augmentation=augmentation)
+    return streaming.record_batches(
+        split, batch_size, seed=seed, augmentation=augmentation)
 
 
-def _eval_dataset(
-    build: _BatchBuilder, num_examples: int, batch_size: int
-) -> tf.data.Dataset:
-    """Unshuffled, unaugmented batches of the evaluation split, in order."""
-    return (
-        tf.data.Dataset.range(num_examples)
-        .batch(batch_size)
-        .map(build, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+def _index_keys(num_examples: int) -> tf.data.Dataset:
+    return tf.data.Dataset.range(num_examples).map(
+        tf.autograph.experimental.do_not_convert(
+            lambda i: {"index": tf.cast(i, tf.int32)}))
 
 
-# --- Statistics ---------------------------------------------------------------
-
-
-def _channel_stats(
-    images: np.ndarray,
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 `[N, H, W, C]`, in [0, 1] units."""
-    channels = images.shape[-1]
-    pixels = images.reshape(-1, channels)
-    total = np.zeros(channels)
-    total_sq = np.zeros(channels)
-    # Float64 sums over chunks: exact enough, and never a float copy of it all.
-    for start in range(0, len(pixels), 1 << 22):
-        chunk = pixels[start : start + (1 << 22)].astype(np.float64)
-        total += chunk.sum(axis=0)
-        total_sq += np.square(chunk).sum(axis=0)
-    mean = total / len(pixels)
-    std = np.sqrt(np.maximum(total_sq / len(pixels) - np.square(mean), 0.0))
-    # A constant channel would otherwise divide by zero; one grey level is
-    # the smallest meaningful spread.
-    std = np.maximum(std, 1.0)
-    return tuple((mean / 255.0).tolist()), tuple((std / 255.0).tolist())
+def _streamed_keys(split) -> tf.data.Dataset:
+    if isinstance(split, FileSplit):
+        return _index_keys(split.num_examples)
+    return split.records(shuffle_files=None).map(
+        tf.autograph.experimental.do_not_convert(
+            lambda index, record: {"index": index, "record": record}))
 
 
 # --- Argument checks ----------------------------------------------------------
+
+
+def _augmentation(augment: bool, augmentation: str | None) -> str:
+    """The augmentation asked for by ``augment`` and ``augmentation``."""
+    if augmentation is None:
+        return "cifar" if augment else "none"
+    _check_choice(augmentation, "augmentation", AUGMENTATIONS)
+    if not augment and augmentation != "none":
+        raise DataError(
+            f"augment=False contradicts augmentation={augmentation!r}; give one of them")
+    return augmentation
 
 
 def _image_size(image_size) -> tuple[int, int] | None:

@@ -1,8 +1,9 @@
 """Which examples a run trains and evaluates on.
 
-`select_examples` carves a validation split out of the training split, caps
-the training and evaluation splits, and picks what the evaluation split
-holds. Every choice is a stratified draw (each class in proportion to its
+`select_positions` carves a validation split out of the training split,
+caps the training and evaluation splits, and picks what the evaluation split
+holds, from the labels alone (so images still in their files need not be
+read); `select_examples` applies it to a dataset in memory. Every choice is a stratified draw (each class in proportion to its
 size) fixed by one seed, and kept examples stay in their original relative
 order, which defines their index in the PS-KD table.
 """
@@ -13,7 +14,7 @@ import numpy as np
 
 from selfkd_tf.data.sources import DataError, ImageArrays
 
-__all__ = ["select_examples", "stratified_halves", "stratified_sample"]
+__all__ = ["select_examples", "select_positions", "stratified_halves", "stratified_sample"]
 
 # Distinct streams of the numpy generator that selects examples, so that the
 # validation carve-out and the size caps do not depend on one another.
@@ -29,24 +30,15 @@ def select_examples(
     eval_examples: int | None,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The training and evaluation examples of a run.
+    """The training and evaluation examples of a run held in memory.
 
-    Args:
-        arrays: the whole dataset.
-        validation_fraction: in `[0, 1)`; when positive, this fraction of the
-            training split is held out as the validation split.
-        train_examples: optional cap on the training split.
-        eval_split: `"test"`, `"validation"` (the held-out part) or `"train"`
-            (the training split actually used).
-        eval_examples: optional cap on the evaluation split.
-        seed: non-negative seed of every draw.
+    `select_positions` chooses them; see there for the arguments.
 
     Returns:
         `(x_train, y_train, x_eval, y_eval)`.
 
     Raises:
-        DataError: the validation split or what is left for training would be
-            empty, or the training split holds fewer examples than classes.
+        DataError: as `select_positions`.
 
     Example:
 
@@ -59,7 +51,63 @@ def select_examples(
     >>> len(y_train), len(y_eval)
     (1298, 144)
     """
-    x_train, y_train = arrays.x_train, arrays.y_train
+    train, (eval_from, evaluation) = select_positions(
+        arrays.y_train, arrays.y_test, arrays.num_classes,
+        validation_fraction=validation_fraction, train_examples=train_examples,
+        eval_split=eval_split, eval_examples=eval_examples, seed=seed,
+    )
+    x_eval, y_eval = (
+        (arrays.x_train, arrays.y_train) if eval_from == "train"
+        else (arrays.x_test, arrays.y_test)
+    )
+    return (arrays.x_train[train], arrays.y_train[train],
+            x_eval[evaluation], y_eval[evaluation])
+
+
+def select_positions(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+    *,
+    validation_fraction: float,
+    train_examples: int | None,
+    eval_split: str,
+    eval_examples: int | None,
+    seed: int,
+) -> tuple[np.ndarray, tuple[str, np.ndarray]]:
+    """Which examples of the dataset's splits a run trains and evaluates on.
+
+    Args:
+        y_train, y_test: int `[N]`, `[M]` labels of the dataset's splits.
+        num_classes: classes of the dataset.
+        validation_fraction: in `[0, 1)`; when positive, this fraction of the
+            training split is held out as the validation split.
+        train_examples: optional cap on the training split.
+        eval_split: `"test"`, `"validation"` (the held-out part) or `"train"`
+            (the training split actually used).
+        eval_examples: optional cap on the evaluation split.
+        seed: non-negative seed of every draw.
+
+    Returns:
+        `(train, (eval_from, evaluation))`: the increasing positions of the
+        training examples in the dataset's training split, and of the
+        evaluation examples in its split `eval_from` (`"train"` or `"test"`).
+
+    Raises:
+        DataError: the validation split or what is left for training would be
+            empty, or the training split holds fewer examples than classes.
+
+    Example:
+
+    >>> train, (eval_from, evaluation) = select_positions(
+    ...     np.array([0, 0, 1, 1]), np.array([0, 1]), 2, validation_fraction=0.5,
+    ...     train_examples=None, eval_split="validation", eval_examples=None,
+    ...     seed=0)
+    >>> eval_from, len(train), len(evaluation)
+    ('train', 2, 2)
+    """
+    train = np.arange(len(y_train))
+    eval_from, evaluation = "test", np.arange(len(y_test))
     if validation_fraction > 0:
         held_out = stratified_sample(
             y_train,
@@ -73,27 +121,27 @@ def select_examples(
                 f"training examples leaves {len(held_out)} for validation; "
                 "both splits need examples"
             )
-        kept = np.setdiff1d(np.arange(len(y_train)), held_out)
-        x_eval, y_eval = x_train[held_out], y_train[held_out]
-        x_train, y_train = x_train[kept], y_train[kept]
-    else:
-        x_eval, y_eval = arrays.x_test, arrays.y_test
-    if train_examples is not None and train_examples < len(y_train):
-        kept = stratified_sample(y_train, train_examples, seed, _TRAIN_CAP_STREAM)
-        x_train, y_train = x_train[kept], y_train[kept]
-    if len(y_train) < arrays.num_classes:
+        train = np.setdiff1d(train, held_out)
+        eval_from, evaluation = "train", held_out
+    if train_examples is not None and train_examples < len(train):
+        train = train[
+            stratified_sample(y_train[train], train_examples, seed, _TRAIN_CAP_STREAM)
+        ]
+    if len(train) < num_classes:
         raise DataError(
-            f"the training split holds {len(y_train)} examples for "
-            f"{arrays.num_classes} classes (train_examples={train_examples}, "
+            f"the training split holds {len(train)} examples for "
+            f"{num_classes} classes (train_examples={train_examples}, "
             f"validation_fraction={validation_fraction}); every class needs "
             "at least one"
         )
     if eval_split == "train":
-        x_eval, y_eval = x_train, y_train
-    if eval_examples is not None and eval_examples < len(y_eval):
-        kept = stratified_sample(y_eval, eval_examples, seed, _EVAL_CAP_STREAM)
-        x_eval, y_eval = x_eval[kept], y_eval[kept]
-    return x_train, y_train, x_eval, y_eval
+        eval_from, evaluation = "train", train
+    if eval_examples is not None and eval_examples < len(evaluation):
+        labels = (y_train if eval_from == "train" else y_test)[evaluation]
+        evaluation = evaluation[
+            stratified_sample(labels, eval_examples, seed, _EVAL_CAP_STREAM)
+        ]
+    return train, (eval_from, evaluation)
 
 
 def stratified_sample(

@@ -33,13 +33,14 @@ from selfkd_tf.distillation.model import SelfKDModel
 
 def build_datasets(
     settings: TrainSettings, initial_epoch: int = 0, eval_split: str | None = None,
+    share: data_lib.WorkerShare | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, data_lib.DatasetInfo]:
     """The training and evaluation datasets of a run.
 
     The training dataset holds epochs ``initial_epoch .. epochs - 1`` back to
     back, `info.steps_per_epoch` batches each, so `fit` needs
-    ``steps_per_epoch=info.steps_per_epoch``. ``eval_split`` is as in
-    `selfkd_tf.data.make_datasets`.
+    ``steps_per_epoch=info.steps_per_epoch``. ``eval_split`` and ``share``
+    (one worker's part) are as in `selfkd_tf.data.make_datasets`.
 
     Raises:
         SettingsError: the data cannot be read or a data setting is invalid.
@@ -47,14 +48,15 @@ def build_datasets(
     with as_settings_error():
         return data_lib.make_datasets(
             settings.dataset, data_dir=settings.data_dir,
-            batch_size=settings.batch_size, augment=settings.augment,
+            batch_size=settings.batch_size,
+            augmentation=settings.effective_augmentation(), cache=settings.cache,
             normalization=data_normalization(settings),
             validation_fraction=settings.validation_fraction,
             train_examples=settings.train_examples,
             eval_examples=settings.eval_examples, seed=settings.seed,
             subset_seed=settings.subset_seed,
             epochs=settings.epochs, initial_epoch=initial_epoch,
-            image_size=settings.image_size, eval_split=eval_split,
+            image_size=settings.image_size, eval_split=eval_split, share=share,
         )
 
 
@@ -100,7 +102,7 @@ def build_backbone(settings: TrainSettings, num_classes: int,
                 settings.arch, num_classes, input_shape=image_shape,
                 num_stages=settings.num_stages, exit_head=settings.exit_head,
                 width_multiplier=settings.width_multiplier,
-                sync_batchnorm=settings.sync_batchnorm,
+                sync_batchnorm=settings.sync_batchnorm, stem=settings.stem,
             )
             if settings.batchnorm_momentum == primitives.BN_MOMENTUM:
                 return backbone

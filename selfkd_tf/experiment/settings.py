@@ -35,6 +35,7 @@ from selfkd_tf.distribution import strategy as distribute_lib
 from selfkd_tf.errors import SettingsError
 from selfkd_tf.models import ARCHITECTURES, EXIT_HEADS, applications
 from selfkd_tf.models.resnet import NUM_STAGES_CHOICES as NUM_STAGES
+from selfkd_tf.models.resnet import STEMS
 from selfkd_tf.optimizers import LR_SCHEDULES
 from selfkd_tf.rundir import reading
 from selfkd_tf.rundir.layout import FLAGS_FILE
@@ -50,7 +51,7 @@ MAX_BATCH_SIZE = 2**31 - 1
 """Largest ``batch_size``: a batch larger than the split holds the whole
 split; TensorFlow indexes batches with 64-bit integers, which 2^63 overflowed."""
 MAX_IMAGE_SIZE = 4096
-"""Largest ``image_size``: every image is held in memory at this size."""
+"""Largest ``image_size``: a batch of images this size is 50 MB an image."""
 MAX_WIDTH_MULTIPLIER = 16.0
 """Largest ``width_multiplier``: 16 makes ResNet-18's widest stage 8,192
 channels (600 million weights in one of its convolutions)."""
@@ -83,15 +84,27 @@ class TrainSettings:
     # Data.
     dataset: str = _setting(
         "cifar100", "digits (embedded, no download), cifar10, cifar100 (TFDS), "
-        "cifar:PATH (python pickles), folder:PATH (PATH/{train,test}/<class>/*.jpg) "
-        "or npz:PATH.")
-    data_dir: str | None = _setting(None, "TFDS data directory (cifar10, cifar100).")
+        "imagenet2012 (TFDS, its files downloaded by hand), cifar:PATH (python "
+        "pickles), folder:PATH (PATH/{train,test}/<class>/*.jpg) or npz:PATH.")
+    data_dir: str | None = _setting(
+        None, "TFDS data directory (cifar10, cifar100, imagenet2012).")
     normalization: str = _setting(
         "auto", "auto (what a keras.applications or keras-hub backbone expects, "
         "otherwise dataset), dataset (published CIFAR or training-split statistics) "
         "or imagenet.")
-    augment: bool = _setting(True, "Random crop (padding 4) and horizontal flip.")
-    image_size: int | None = _setting(None, "Resize every image to this size.")
+    augment: bool = _setting(
+        True, "Augment the training images; --noaugment is --augmentation=none.")
+    augmentation: str = _setting(
+        "cifar", "cifar (random crop of the image padded by 4, horizontal flip), "
+        "imagenet (random-resized crop, flip, colour jitter, lighting; evaluation: "
+        "resize and centre crop; images of any size) or none.")
+    image_size: int | None = _setting(
+        None, "Resize every image to this size (augmentation=imagenet: crop to "
+        "it; default 224).")
+    cache: str = _setting(
+        "auto", "auto (decode folder:/TFDS images once into memory when they take "
+        "at most 256 MB, else read them from their files as training goes), "
+        "memory or none.")
     train_examples: int | None = _setting(
         None, "Use a stratified subset of at most this many training examples "
         "(all of them when the split holds fewer: a line says so, and "
@@ -128,6 +141,9 @@ class TrainSettings:
         0.9, "Momentum of every batch norm, in Keras's convention (the running "
         "average's weight; PyTorch's 0.1 is 0.9). keras.applications families use "
         "0.99 to 0.999, whose statistics lag behind the weights in short runs.")
+    stem: str = _setting(
+        "auto", "cifar (3x3 convolution), imagenet (7x7 stride-2 convolution and "
+        "max-pooling) or auto (imagenet for images of at least 128 pixels).")
     num_stages: int = _setting(
         4, "Backbone stages kept, one exit after each (Table 4 ablation): "
         f"{', '.join(map(str, NUM_STAGES))}.")
@@ -197,6 +213,10 @@ class TrainSettings:
     overwrite: bool = _setting(
         False, "Delete the run in --model_dir and start afresh.")
 
+    def effective_augmentation(self) -> str:
+        """``augmentation``, or ``"none"`` under ``--noaugment``."""
+        return self.augmentation if self.augment else "none"
+
     def selfkd_config(self) -> SelfKDConfig:
         """The objective's configuration."""
         return SelfKDConfig(
@@ -231,7 +251,8 @@ class TrainSettings:
                 applications.check_arch(self.arch)
             # The ResNets' own shape flags would be ignored silently.
             for name, default, instead in (("width_multiplier", 1.0, "the backbone's own"),
-                                           ("num_stages", 4, "--exits")):
+                                           ("num_stages", 4, "--exits"),
+                                           ("stem", "auto", "the backbone's own")):
                 if getattr(self, name) != default:
                     raise SettingsError(
                         name, f"got {getattr(self, name)}; it shapes the ResNets only; "
@@ -254,6 +275,13 @@ class TrainSettings:
                 "batchnorm_momentum", f"got {self.batchnorm_momentum}; allowed: [0, 1)")
         for exclusion in self.weight_decay_exclude:
             check_choice("weight_decay_exclude", exclusion, DECAY_EXCLUSIONS)
+        check_choice("stem", self.stem, STEMS)
+        check_choice("augmentation", self.augmentation, data_lib.AUGMENTATIONS)
+        if not self.augment and self.augmentation not in ("cifar", "none"):
+            raise SettingsError(
+                "augment", f"--noaugment contradicts --augmentation={self.augmentation}; "
+                "give one of them")
+        check_choice("cache", self.cache, data_lib.CACHE_MODES)
         if self.exit_head is not None:
             check_choice("exit_head", self.exit_head, EXIT_HEADS)
         check_choice("num_stages", self.num_stages, NUM_STAGES)
@@ -311,11 +339,12 @@ class TrainSettings:
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainSettings":
-        """Inverse of `to_json`; absent keys take their defaults."""
+        """Inverse of `to_json`; absent keys take their defaults, but for
+        ``stem``: runs written before it existed used the CIFAR stem."""
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SettingsError(None, f"unknown settings {unknown}")
-        values = dict(d)
+        values = {"stem": "cifar", **d}
         for key in ("methods", "byot_exits", "weight_decay_exclude"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])

@@ -49,8 +49,10 @@ import tempfile
 
 import keras
 
+from selfkd_tf import data as data_lib
 from selfkd_tf.distillation.model import SelfKDModel
 from selfkd_tf.distribution import cluster
+from selfkd_tf.distribution.multiworker import in_multi_worker_mode
 from selfkd_tf.distribution import strategy as distribute_lib
 from selfkd_tf.evaluation.scoring import evaluate_model
 from selfkd_tf.distillation import pskd
@@ -156,26 +158,50 @@ class _StopAfterEpoch(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _fit(model, settings, train_ds, eval_ds, steps, start, callbacks, saver) -> None:
+def _worker_share(strategy) -> data_lib.WorkerShare | None:
+    """This worker's replicas in a multi-worker run; None on a single worker."""
+    if not in_multi_worker_mode(strategy):
+        return None
+    # The strategy's own description of this worker's input pipeline.
+    context = strategy.extended._make_input_context()
+    return data_lib.WorkerShare(
+        context.input_pipeline_id, context.num_input_pipelines,
+        context.num_replicas_in_sync // context.num_input_pipelines)
+
+
+def _per_worker(dataset, strategy, share):
+    """A dataset of this worker's pieces, one per replica and step, as `fit`
+    takes it: distributed as it is, each piece to its replica."""
+    if share is None:
+        return dataset
+    return strategy.distribute_datasets_from_function(lambda context: dataset)
+
+
+def _fit(model, settings, train_ds, eval_ds, steps, start, callbacks, saver,
+         share=None) -> None:
     """Trains from checkpoint position ``start`` to the last epoch.
 
     A run resumed mid-epoch first finishes that epoch alone, skipping the
     batches already trained on (the data of an epoch is a pure function of
     the seed and the epoch), then trains the remaining epochs. Both segments
     are fits over all ``settings.epochs``, so callbacks see the true epoch
-    count.
+    count. With a worker ``share``, the datasets hold this worker's pieces,
+    one per replica and step.
     """
+    strategy = model.distribute_strategy
+    per_step = share.replicas_per_worker if share else 1
+    eval_ds = _per_worker(eval_ds, strategy, share)
     segments = []
     if start.step:
-        segments.append((train_ds.skip(start.step), start.epoch, steps - start.step,
-                         [_StopAfterEpoch(start.epoch)]))
-        train_ds = train_ds.skip(steps)
+        segments.append((train_ds.skip(start.step * per_step), start.epoch,
+                         steps - start.step, [_StopAfterEpoch(start.epoch)]))
+        train_ds = train_ds.skip(steps * per_step)
     first = start.epoch + 1 if start.step else start.epoch
     if first < settings.epochs:
         segments.append((train_ds, first, steps, []))
     for data, initial_epoch, steps_per_epoch, extra in segments:
         model.fit(
-            data, validation_data=eval_ds, initial_epoch=initial_epoch,
+            _per_worker(data, strategy, share), validation_data=eval_ds, initial_epoch=initial_epoch,
             epochs=settings.epochs, steps_per_epoch=steps_per_epoch,
             validation_freq=evaluation_epochs(settings.epochs, settings.eval_every),
             # Keras adds a progress bar of its own unless verbose is 0.
@@ -289,8 +315,14 @@ def _train_locked(settings: TrainSettings, strategy) -> dict:
 
     with as_settings_error():
         cluster.check_workers_agree(strategy, resume.computed_settings(settings), start)
-    train_ds, eval_ds, info = build_datasets(
-        settings, initial_epoch=min(start.epoch, settings.epochs - 1))
+    # Each worker of a cluster reads only its share of the examples; the
+    # final scores read the whole evaluation split.
+    share = _worker_share(strategy)
+    initial_epoch = min(start.epoch, settings.epochs - 1)
+    train_ds, eval_ds, info = build_datasets(settings, initial_epoch=initial_epoch, share=share)
+    fit_eval_ds = eval_ds
+    if share is not None:
+        _, eval_ds, _ = build_datasets(settings, initial_epoch=initial_epoch)
     asked, settings = settings, resume.sizes_used(settings, info)
     if maybe_capped:
         if any(getattr(previous, k) != getattr(settings, k) for k in maybe_capped):
@@ -333,8 +365,9 @@ def _train_locked(settings: TrainSettings, strategy) -> dict:
         checkpoint, steps_per_epoch=info.steps_per_epoch,
         save_every_steps=settings.save_every_steps, start=start)
     try:
-        _fit(model, settings, train_ds, eval_ds, info.steps_per_epoch, start,
-             _callbacks(dataclasses.replace(settings, model_dir=out_dir), saver), saver)
+        _fit(model, settings, train_ds, fit_eval_ds, info.steps_per_epoch, start,
+             _callbacks(dataclasses.replace(settings, model_dir=out_dir), saver), saver,
+             share)
     except KeyboardInterrupt:
         raise TrainingInterrupted(_interruption_message(saver)) from None
     if saver.diverged_at is not None:

@@ -1,4 +1,4 @@
-"""CIFAR-style ResNet / ResNeXt backbones with one classifier exit per stage.
+"""ResNet / ResNeXt backbones with one classifier exit per stage.
 
 `resnet_backbone` builds the stages and `stage_output_names` declares where
 they end; `build_multi_exit_resnet` attaches an exit to each
@@ -6,8 +6,17 @@ they end; `build_multi_exit_resnet` attaches an exit to each
 
 The backbones follow torchvision's definitions (ResNet v1.5: the stride of a
 bottleneck block sits on its 3x3 convolution; a 1x1 conv + BN projection
-shortcut whenever the shape changes) with the usual CIFAR stem: a 3x3
-stride-1 convolution and no max-pooling.
+shortcut whenever the shape changes) with one of two stems (`STEMS`):
+
+- ``"cifar"``: a 3x3 stride-1 convolution and no max-pooling, the usual
+  stem for 32x32 images;
+- ``"imagenet"``: torchvision's, a 7x7 stride-2 convolution and a 3x3
+  stride-2 max-pooling (both padded symmetrically, as PyTorch pads), which
+  divide the image size by 4 before the first stage.
+
+``"auto"`` picks the ImageNet stem for images of at least
+`IMAGENET_STEM_MIN_SIZE` pixels on their shorter side and the CIFAR stem
+otherwise (`resolve_stem`).
 """
 
 import dataclasses
@@ -23,6 +32,9 @@ _STEM_CHANNELS = 64
 _STAGE_PLANES = (64, 128, 256, 512)
 _STAGE_STRIDES = (1, 2, 2, 2)
 NUM_STAGES_CHOICES = (2, 3, 4)
+STEMS = ("auto", "cifar", "imagenet")
+IMAGENET_STEM_MIN_SIZE = 128
+"""``stem="auto"`` takes the ImageNet stem for images this size or larger."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +180,30 @@ def bottleneck_block(
     return _residual_output(x, residual, filters, strides, sync_batchnorm, name)
 
 
+def resolve_stem(stem: str, input_shape) -> str:
+    """``"cifar"`` or ``"imagenet"``: `stem`, with ``"auto"`` decided by the image size.
+
+    >>> resolve_stem("auto", (224, 224, 3)), resolve_stem("auto", (32, 32, 3))
+    ('imagenet', 'cifar')
+    """
+    if stem != "auto":
+        return stem
+    sizes = [size for size in input_shape[:2] if size is not None]
+    large = len(sizes) == 2 and min(sizes) >= IMAGENET_STEM_MIN_SIZE
+    return "imagenet" if large else "cifar"
+
+
+def _stem(inputs, stem: str, channels: int, sync_batchnorm: bool):
+    if stem == "cifar":
+        return conv_bn(inputs, channels, 3, sync_batchnorm=sync_batchnorm, name="stem")
+    x = conv_bn(
+        inputs, channels, 7, strides=2, sync_batchnorm=sync_batchnorm, name="stem"
+    )
+    # PyTorch pads max-pooling with -inf; after the ReLU zeros are the same.
+    x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+
+
 def resnet_backbone(
     inputs,
     arch: str,
@@ -175,6 +211,7 @@ def resnet_backbone(
     num_stages: int = 4,
     width_multiplier: float = 1.0,
     sync_batchnorm: bool = False,
+    stem: str = "cifar",
 ):
     """Builds the stem and the first `num_stages` stages of `arch`.
 
@@ -187,18 +224,17 @@ def resnet_backbone(
         width_multiplier: Scales every channel count.
         sync_batchnorm: Whether batch statistics are synchronized across
             replicas.
+        stem: ``"cifar"`` or ``"imagenet"`` (see the module docstring).
 
     Returns:
         List of the `num_stages` stage outputs, shallowest first; stage `s`
-        has spatial size `ceil(H / 2 ** (s - 1))`.
+        has spatial size `ceil(H / 2 ** (s - 1))` after the CIFAR stem, and
+        a quarter of that (rounded up at each halving) after the ImageNet
+        stem.
     """
     spec = _ARCHITECTURES[arch]
-    x = conv_bn(
-        inputs,
-        scale_channels(_STEM_CHANNELS, width_multiplier),
-        3,
-        sync_batchnorm=sync_batchnorm,
-        name="stem",
+    x = _stem(
+        inputs, stem, scale_channels(_STEM_CHANNELS, width_multiplier), sync_batchnorm
     )
     stage_outputs = []
     stages = zip(_STAGE_PLANES, _STAGE_STRIDES, spec.depths[:num_stages])
@@ -238,7 +274,7 @@ def stage_output_names(arch: str, num_stages: int = 4) -> list[str]:
 
 
 def _validate_arguments(
-    num_classes, input_shape, num_stages, exit_head, width_multiplier
+    num_classes, input_shape, num_stages, exit_head, width_multiplier, stem
 ):
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(
@@ -258,10 +294,14 @@ def _validate_arguments(
             "`input_shape` must be (height, width, channels), "
             f"got {input_shape!r}."
         )
+    if stem not in STEMS:
+        raise ValueError(f"`stem` must be one of {STEMS}, got {stem!r}.")
     # The attention mask is downsampled by 2 and upsampled back, which only
     # restores even sizes; the last head sits on stage N - 1, which is
-    # 2 ** (N - 2) times smaller than the input.
-    multiple = 2 ** (num_stages - 1)
+    # 2 ** (N - 2) times smaller than the input (4 times more after the
+    # ImageNet stem).
+    multiple = 2 ** (num_stages - 1) * (
+        4 if resolve_stem(stem, input_shape) == "imagenet" else 1)
     if exit_head == "attention" and any(
         size is not None and size % multiple for size in input_shape[:2]
     ):
@@ -281,6 +321,7 @@ def build_multi_exit_resnet(
     width_multiplier: float = 1.0,
     sync_batchnorm: bool = False,
     name: str | None = None,
+    stem: str = "auto",
 ) -> keras.Model:
     """Builds a ResNet/ResNeXt classifier with one exit after every stage.
 
@@ -316,6 +357,13 @@ def build_multi_exit_resnet(
         sync_batchnorm: Whether every batch normalization synchronizes its
             statistics across replicas of a distribution strategy.
         name: Model name; defaults to `f"{arch}_multi_exit"`.
+        stem: ``"cifar"`` (3x3 convolution), ``"imagenet"`` (torchvision's
+            7x7 stride-2 convolution and 3x3 stride-2 max-pooling) or
+            ``"auto"``: the ImageNet stem when height and width are at least
+            `IMAGENET_STEM_MIN_SIZE` (128), else the CIFAR stem. With the
+            ImageNet stem and 1000 classes the deepest exit's sub-model (the
+            backbone and its classifier) has exactly torchvision's
+            trainable parameters (e.g. 11,689,512 for ResNet-18).
 
     Returns:
         A functional `keras.Model` mapping images of shape
@@ -348,7 +396,7 @@ def build_multi_exit_resnet(
         exit_head = _ARCHITECTURES[arch].default_exit_head
     get_exit_head(exit_head)  # validates
     _validate_arguments(
-        num_classes, input_shape, num_stages, exit_head, width_multiplier
+        num_classes, input_shape, num_stages, exit_head, width_multiplier, stem
     )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     stage_outputs = resnet_backbone(
@@ -357,6 +405,7 @@ def build_multi_exit_resnet(
         num_stages=num_stages,
         width_multiplier=width_multiplier,
         sync_batchnorm=sync_batchnorm,
+        stem=resolve_stem(stem, input_shape),
     )
     trunk = keras.Model(inputs, stage_outputs[-1], name=f"{arch}_backbone")
     return attach_exits(

@@ -43,7 +43,7 @@ not read an earlier model's scores as the new one's)."""
 
 RESUME_SAFE_FIELDS = frozenset({
     "data_dir", "model_dir", "overwrite", "save_every_steps", "distribute",
-    "jit_compile", "deterministic", "eval_every",
+    "jit_compile", "deterministic", "eval_every", "cache",
 })
 """Fields of ``flags.json`` a resumed run may change: where things are and
 how fast they run, not what is computed. Any other difference refuses to

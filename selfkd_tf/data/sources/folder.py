@@ -5,7 +5,13 @@ splits. Every file TensorFlow decodes (JPEG, PNG, BMP, GIF, WebP, told by
 the extension, in any case) is read; one that does not decode is refused with
 its name. Images are converted to RGB (grayscale is replicated, alpha dropped)
 and, when sizes differ, resized to `image_size`, or to the size of the first
-training image (first file of the first class) when `image_size` is None.
+training image (first file of the first class) when `image_size` is None
+(with the ImageNet augmentation each image is cropped at its own size
+instead; see `selfkd_tf.data.augmentation`).
+
+`files` lists the files without decoding them, for the pipeline to read them
+while training (`selfkd_tf.data.sources.streamed.FileSplit`); `load` decodes
+them all into memory.
 
 Folders copied from other systems carry files nobody meant as images. They
 are skipped, and counted in one warning per split:
@@ -30,8 +36,10 @@ import tensorflow as tf
 from selfkd_tf.data.sources import registry
 from selfkd_tf.data.sources.arrays import DataError, ImageArrays, first_line
 from selfkd_tf.data.sources.arrays import image_arrays, resize_uint8
+from selfkd_tf.data.sources.streamed import FileSplit, StreamedData, decode_image
 
-__all__ = ["IMAGE_EXTENSIONS", "load"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_files", "files", "first_image_size",
+           "fixed_size", "load"]
 
 IMAGE_EXTENSIONS = (
     ".bmp", ".gif", ".jfif", ".jpe", ".jpeg", ".jpg", ".png", ".webp"
@@ -43,10 +51,15 @@ _SPLITS = ("train", "test")
 _log = logging.getLogger(__name__)
 
 
-@registry.register("folder", takes_path=True)
-def load(spec: registry.SourceSpec) -> ImageArrays:
-    """Decodes `root/{train,test}/<class>/<image>` into memory."""
-    root, size = spec.path, spec.image_size
+def files(spec: registry.SourceSpec) -> StreamedData:
+    """Lists `root/{train,test}/<class>/<image>` without decoding any image.
+
+    Raises:
+        DataError: a missing split folder, a class folder without images,
+            class folders that differ between the splits, or data that
+            cannot be trained on (`StreamedData.check`).
+    """
+    root = spec.path
     files = {split: _class_files(os.path.join(root, split)) for split in _SPLITS}
     if files["train"].keys() != files["test"].keys():
         only_train = sorted(files["train"].keys() - files["test"].keys())
@@ -64,21 +77,37 @@ def load(spec: registry.SourceSpec) -> ImageArrays:
             for label, name in enumerate(class_names)
             for _ in files[split][name]
         ]
-        splits.append((paths, labels))
-    if size is None:
-        first = splits[0][0][0]
-        try:
-            size = tuple(_read_image(first).shape[:2])
-        except tf.errors.OpError:
-            raise _image_error(first) from None
-    (train_paths, y_train), (test_paths, y_test) = splits
+        splits.append(FileSplit(np.asarray(paths), np.asarray(labels, np.int64)))
+    return StreamedData(root, *splits, tuple(class_names)).check()
+
+
+def first_image_size(paths) -> tuple[int, int]:
+    """`(H, W)` of the first file of `paths`, the size images are resized to
+    when none is given.
+
+    Raises:
+        DataError: the file does not decode.
+    """
+    first = str(paths[0])
+    try:
+        return tuple(int(d) for d in _read_image(first).shape[:2])
+    except tf.errors.OpError:
+        raise _image_error(first) from None
+
+
+@registry.register("folder", takes_path=True, stream=files)
+def load(spec: registry.SourceSpec) -> ImageArrays:
+    """Decodes `root/{train,test}/<class>/<image>` into memory."""
+    listed = files(spec)
+    size = spec.image_size or first_image_size(listed.train.paths)
+    train, test = listed.train, listed.test
     return image_arrays(
-        root,
-        _decode_files(train_paths, size),
-        np.asarray(y_train),
-        _decode_files(test_paths, size),
-        np.asarray(y_test),
-        class_names,
+        spec.path,
+        decode_files(train.paths, size),
+        train.labels,
+        decode_files(test.paths, size),
+        test.labels,
+        listed.class_names,
     )
 
 
@@ -152,9 +181,7 @@ def _describe_skipped(skipped: dict[str, list[str]]) -> str:
 
 def _read_image(path) -> tf.Tensor:
     """Reads and decodes one image file to uint8 RGB `[H, W, 3]`."""
-    return tf.io.decode_image(
-        tf.io.read_file(path), channels=3, expand_animations=False
-    )
+    return decode_image(tf.io.read_file(path))
 
 
 def _image_error(path: str, others: int = 0) -> DataError:
@@ -171,17 +198,26 @@ def _image_error(path: str, others: int = 0) -> DataError:
     return DataError(f"cannot read or decode image file {path}{more}{reason}")
 
 
-def _decode_files(paths: list[str], size: tuple[int, int]) -> np.ndarray:
-    """Decodes image files in parallel to uint8 RGB `[N, *size, 3]`."""
+def fixed_size(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """uint8 `[H, W, 3]` resized to `size` unless it has that size already."""
+    image = tf.cond(
+        tf.reduce_all(tf.shape(image)[:2] == size),
+        lambda: image,
+        lambda: resize_uint8(image, size),
+    )
+    return tf.ensure_shape(image, [*size, 3])
+
+
+def decode_files(paths, size: tuple[int, int]) -> np.ndarray:
+    """Decodes image files in parallel to uint8 RGB `[N, *size, 3]`.
+
+    Raises:
+        DataError: a file does not decode; the message names it.
+    """
+    paths = [str(path) for path in paths]
 
     def decode(path):
-        image = _read_image(path)
-        image = tf.cond(
-            tf.reduce_all(tf.shape(image)[:2] == size),
-            lambda: image,
-            lambda: resize_uint8(image, size),
-        )
-        return path, tf.ensure_shape(image, [*size, 3])
+        return path, fixed_size(_read_image(path), size)
 
     decoded = (
         tf.data.Dataset.from_tensor_slices(paths)

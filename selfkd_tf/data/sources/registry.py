@@ -18,6 +18,7 @@ import os
 from typing import Callable
 
 from selfkd_tf.data.sources.arrays import DataError, ImageArrays
+from selfkd_tf.data.sources.streamed import StreamedData
 
 __all__ = ["Source", "SourceSpec", "dataset_forms", "parse", "register"]
 
@@ -50,11 +51,14 @@ class Source:
         load: reads a `SourceSpec` into validated `ImageArrays`; raises
             `DataError` for anything it cannot read.
         takes_path: whether the dataset string is `name:PATH`.
+        stream: for a source that reads files, describes them without
+            decoding any (`StreamedData`); None for a source held in memory.
     """
 
     name: str
     load: Callable[[SourceSpec], ImageArrays]
     takes_path: bool
+    stream: Callable[[SourceSpec], StreamedData] | None = None
 
     @property
     def form(self) -> str:
@@ -66,9 +70,15 @@ _SOURCES: dict[str, Source] = {}
 
 
 def register(
-    name: str, *, takes_path: bool = False
+    name: str,
+    *,
+    takes_path: bool = False,
+    stream: Callable[[SourceSpec], StreamedData] | None = None,
 ) -> Callable[[Callable[[SourceSpec], ImageArrays]], Callable]:
     """Decorator registering `load` as the loader of source `name`.
+
+    `stream`, for a source that reads files, describes them without decoding
+    them, for the pipeline to read them as it trains.
 
     Raises:
         ValueError: `name` is already registered or holds a `:`.
@@ -77,7 +87,7 @@ def register(
         raise ValueError(f"cannot register data source {name!r}")
 
     def decorate(load):
-        _SOURCES[name] = Source(name, load, takes_path)
+        _SOURCES[name] = Source(name, load, takes_path, stream)
         return load
 
     return decorate
