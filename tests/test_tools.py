@@ -155,6 +155,9 @@ def test_pipeline_throughput_reads_whole_epochs(tmp_path):
     epochs = sorted(int(rates[f"epoch {i}"].replace(",", "")) for i in (1, 2, 3))
     median = re.search(r"^median over 3 epochs: ([\d,]+) images/s$", out, re.M).group(1)
     assert int(median.replace(",", "")) == epochs[1] > 0
+    before, peak = re.search(r"before building the data: ([\d,]+) MB; peak: ([\d,]+) MB$",
+                             out, re.M).groups()
+    assert int(peak.replace(",", "")) >= int(before.replace(",", "")) > 0
 
 
 def test_pipeline_throughput_refuses_an_image_that_does_not_decode(tmp_path):
@@ -162,6 +165,32 @@ def test_pipeline_throughput_refuses_an_image_that_does_not_decode(tmp_path):
     (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"not a png")
     result = run_tool("pipeline_throughput.py", "--dataset", dataset)
     assert_refused(result, "pipeline_throughput.py", "--dataset", "broken.png")
+
+
+def test_pipeline_throughput_writes_a_jpeg_folder(tmp_path):
+    root = tmp_path / "jpegs"
+    result = run_tool("pipeline_throughput.py", "--write_jpegs", str(root), "--jpegs", "20",
+                      "--jpeg_size", "12")
+    assert result.returncode == 0, result.stderr
+    train = list(root.glob("train/class*/*.jpg"))
+    assert len(train) == 20 and len(list(root.glob("test/class*/*.jpg"))) == 10
+    assert Image.open(train[0]).size == (12, 12)
+
+
+# -- table_memory.py -----------------------------------------------------------------
+
+
+def test_table_memory_times_the_tables_work_per_step(tmp_path):
+    report_path = tmp_path / "timing.json"
+    result = run_tool("table_memory.py", "--time_steps", "2", "--batch_size", "4",
+                      "--num_examples", "50", "--num_classes", "10", "--table_top_k", "2",
+                      "--out_json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert {k: report[k] for k in ("num_examples", "num_classes", "table_top_k",
+                                   "batch_size")} == {
+        "num_examples": 50, "num_classes": 10, "table_top_k": 2, "batch_size": 4}
+    assert report["step_ms"] > 0 and report["refresh_ms"] >= 0
 
 
 # -- early_exit_study.py ------------------------------------------------------------

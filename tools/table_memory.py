@@ -1,4 +1,4 @@
-r"""Memory of the PS-KD table on one machine with several replicas.
+r"""Memory of the PS-KD table on one machine with several replicas, and its cost per step.
 
 Builds a `SelfKDModel` (a narrow ResNet-18, so the table dominates) under a
 `tf.distribute.MirroredStrategy` of ``--replicas`` logical CPU devices and
@@ -10,6 +10,16 @@ when TensorFlow starts).
 
     python tools/table_memory.py --replicas=1,2,4 --num_examples=200000 \
         --num_classes=1000 --out_json=table_memory.json
+
+With ``--time_steps=S`` it times the table's work in a training step
+instead, on one replica: reading the teacher rows of a batch of
+``--batch_size`` random samples (a gather, completed to ``C`` classes with
+top-k) and writing the batch's predictions (top-k selection, scatter),
+median of ``S`` steps after 3 untimed ones, and the once-per-epoch refresh
+(the staged rows moved into the teacher), median of 3 after an untimed one.
+
+    python tools/table_memory.py --time_steps=50 --batch_size=256 \
+        --num_examples=1281167 --num_classes=1000 --table_top_k=10
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ flags.DEFINE_integer("num_examples", 200_000, "Rows of the table.", lower_bound=
 flags.DEFINE_integer("num_classes", 1000, "Classes.", lower_bound=2)
 flags.DEFINE_integer("table_top_k", None, "Keep the K largest probabilities.", lower_bound=1)
 flags.DEFINE_string("out_json", None, "Where the report goes.")
+flags.DEFINE_integer("time_steps", 0, "Time the table's gather and scatter over this "
+                     "many steps instead of measuring memory.", lower_bound=0)
+flags.DEFINE_integer("batch_size", 256, "Samples per timed step.", lower_bound=1)
 flags.DEFINE_integer("child", None, "Internal: measure with this many replicas.")
 FLAGS = flags.FLAGS
 
@@ -83,12 +96,62 @@ def _measure(replicas: int) -> dict:
     }
 
 
+def _time_table() -> dict:
+    """Median times of the table's per-step work and of one refresh, in ms."""
+    import statistics
+    import time
+
+    import keras
+    import tensorflow as tf
+
+    from selfkd_tf.distillation.pskd import SoftTargetTable
+
+    n, c, b = FLAGS.num_examples, FLAGS.num_classes, FLAGS.batch_size
+    table = SoftTargetTable(keras.layers.Layer(), n, c, top_k=FLAGS.table_top_k)
+    draws = tf.random.Generator.from_seed(0)
+
+    @tf.function
+    def step(index, logits):
+        probs, valid = table.teacher(index)
+        table.stage(index, tf.nn.softmax(logits))
+        return tf.reduce_sum(probs) + tf.reduce_sum(valid)
+
+    @tf.function
+    def refresh():
+        table.refresh()
+        return table.teacher_valid.value[0]
+
+    def timed(function, *args):
+        start = time.perf_counter()
+        function(*args).numpy()  # waits for the result
+        return (time.perf_counter() - start) * 1000
+
+    times = []
+    for number in range(FLAGS.time_steps + 3):
+        index = draws.uniform([b], maxval=n, dtype=tf.int32)
+        logits = draws.normal([b, c])
+        elapsed = timed(step, index, logits)
+        if number >= 3:
+            times.append(elapsed)
+    timed(refresh)
+    refreshes = [timed(refresh) for _ in range(3)]
+    return {"num_examples": n, "num_classes": c, "table_top_k": FLAGS.table_top_k,
+            "batch_size": b, "step_ms": round(statistics.median(times), 3),
+            "refresh_ms": round(statistics.median(refreshes), 1)}
+
+
 def main(argv: list[str]) -> int:
     del argv
     if FLAGS.child is not None:
         print(json.dumps(_measure(FLAGS.child)))
         return 0
     tool_io.check_output_file("out_json", FLAGS.out_json)
+    if FLAGS.time_steps:
+        report = _time_table()
+        print(report)
+        if FLAGS.out_json:
+            tool_io.write_json(FLAGS.out_json, report)
+        return 0
     rows = []
     for replicas in FLAGS.replicas:
         args = [sys.executable, __file__, f"--child={int(replicas)}",

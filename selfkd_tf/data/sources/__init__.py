@@ -2,20 +2,22 @@
 
 Each source has its own module and registers itself by name in
 `selfkd_tf.data.sources.registry`; a dataset string (`"digits"`, `"cifar100"`,
-`"folder:/data/pets"`) picks one. Every source reads the whole dataset into
-validated uint8 `ImageArrays`; `selfkd_tf.data.pipeline` loads them
-(`load_arrays`) and builds the pipelines.
+`"folder:/data/pets"`) picks one. Every source can read the whole dataset
+into validated uint8 `ImageArrays` (`load`); a source that reads files also
+describes them without decoding them (`stream`: `streamed.StreamedData`),
+for `selfkd_tf.data.pipeline` to read them while training.
 
 | string | module | what it reads |
 | --- | --- | --- |
-| `cifar10`, `cifar100` | `tfds` | TensorFlow Datasets |
+| `cifar10`, `cifar100`, `imagenet2012` | `tfds` | TensorFlow Datasets |
 | `cifar:PATH` | `cifar` | the canonical CIFAR python pickles |
 | `folder:PATH` | `folder` | `PATH/{train,test}/<class>/<image>` |
 | `npz:PATH` | `npz` | arrays `x_train, y_train, x_test, y_test` |
 | `digits` | `digits` | scikit-learn's handwritten digits, no download |
 
 A new source is a module whose loader, `SourceSpec -> ImageArrays`, is
-decorated with `registry.register(name)`, imported below.
+decorated with `registry.register(name)` (``stream=`` for one that reads
+files), imported below.
 
 >>> from selfkd_tf.data import sources
 >>> source, path = sources.parse("npz:/data/tiny.npz")  # doctest: +SKIP
