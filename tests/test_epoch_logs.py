@@ -99,3 +99,23 @@ def test_console_history_and_tensorboard_number_epochs_alike(tmp_path, capsys):
         step = int(row["epoch"])
         assert scalars["train/epoch_lr"][step] == pytest.approx(float(row["lr"]))
         assert scalars["train/epoch_alpha_t"][step] == pytest.approx(float(row["alpha_t"]))
+
+
+def test_a_resumed_history_keeps_its_columns(tmp_path):
+    """Resumed at an epoch without evaluation (Keras would then invent
+    ``val_<key>`` for every key, in another order) or by a version that
+    logs another key, the rows still follow the header."""
+    path = str(tmp_path / "history.csv")
+    first = HistoryCSV(path, append=True)
+    first.on_train_begin()
+    first.on_epoch_end(0, {"loss": 2.0, "lr": 0.1, "val_loss": 3.0})
+    first.on_train_end()
+    resumed = HistoryCSV(path, append=True)
+    resumed.on_train_begin()
+    resumed.on_epoch_end(1, {"loss": 1.5, "lr": 0.1, "val_ce": 9.0})
+    resumed.on_epoch_end(2, {"loss": 1.0, "lr": 0.01, "val_loss": 2.5})
+    resumed.on_train_end()
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["epoch", "loss", "lr", "val_loss"], ["1", "2.0", "0.1", "3.0"],
+                    ["2", "1.5", "0.1", "NA"], ["3", "1.0", "0.01", "2.5"]]

@@ -9,6 +9,7 @@ callbacks the 0-based index; `keras.callbacks.CSVLogger` and
 
 from __future__ import annotations
 
+import csv
 import time
 
 import keras
@@ -70,14 +71,30 @@ class EpochSummary(keras.callbacks.Callback):
 
 
 class HistoryCSV(keras.callbacks.CSVLogger):
-    """`keras.callbacks.CSVLogger` with the ``epoch`` column numbered from 1.
+    """`keras.callbacks.CSVLogger` with the ``epoch`` column numbered from 1,
+    whose appended rows follow the file's header.
 
     The row of the epoch the progress bar calls "Epoch 3/10" says 3.
+
+    Keras's logger takes its columns from the first epoch it sees, adding
+    ``val_<key>`` for every key when that epoch has no validation. A run
+    resumed at an epoch without evaluation (or by a version that logs other
+    keys) would then append rows of other columns, in another order, under
+    the old header. Appending to a file with a header, the header's columns
+    are kept: a value the header lacks is left out, one the logs lack is
+    ``NA``.
 
     Example:
 
     >>> model.fit(ds, epochs=3, callbacks=[HistoryCSV("history.csv", append=True)])
     """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.append and not self.append_header:
+            with open(self.filename, newline="") as f:
+                header = next(csv.reader(f, delimiter=self.sep), [])
+            self.keys = [key for key in header if key != "epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch + 1, logs)
