@@ -115,6 +115,20 @@ def test_hand_written_references_ops_and_nested_models():
     assert skd.check_multi_exit(skd.attach_exits(sequential, 3, exits=2)) == (2, 3, 8)
 
 
+def test_a_backbone_ending_in_features_keeps_them_as_the_deepest_exit():
+    images = keras.Input((16, 16, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="early")(images)
+    x = layers.Conv2D(12, 3, strides=4, padding="same", name="late")(x)
+    trunk = keras.Model(images, layers.GlobalAveragePooling2D(name="pool")(x))
+    assert [s.reference for s in skd.find_stages(trunk)] == ["early", "late"]
+    backbone = skd.attach_exits(trunk, 3, exit_head="pooled")
+    assert skd.check_multi_exit(backbone) == (2, 3, 12)
+    # The shallow exit is pooled 4x4 to the last feature map's 4x4.
+    assert backbone.get_layer("exit1_head_pool").pool_size == (4, 4)
+    batch = np.random.default_rng(5).normal(size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(backbone(batch)["features"][-1], trunk(batch), rtol=1e-5)
+
+
 @pytest.mark.parametrize("exits, message", [
     (["nowhere"], "exits: the backbone has no layer or tensor 'nowhere'; stages: b1_out, "
                   "block3/conv:input"),
@@ -154,8 +168,9 @@ def test_subclassed_and_probability_outputs_are_refused():
     assert "\n" not in str(raised.value)
     softmax = keras.applications.MobileNetV3Small(
         input_shape=(32, 32, 3), weights=None, classes=4)
-    with pytest.raises(ValueError, match="outputs probabilities .*classifier_activation=None"):
-        skd.as_multi_exit(softmax)
+    for wrap in (skd.as_multi_exit, lambda model: skd.attach_exits(model, 3)):
+        with pytest.raises(ValueError, match="outputs probabilities .*classifier_activation=None"):
+            wrap(softmax)
 
 
 def test_a_plain_classifier_trains_with_pskd_alone():
@@ -262,6 +277,19 @@ def test_weight_decay_exclusions_in_the_update():
             shrink = 0.1 * 0.5 * before[path] if path in decayed else 0.0
             np.testing.assert_allclose(after[path], plain[path] - shrink, atol=1e-6,
                                        err_msg=f"{exclude} {path}")
+
+
+def test_convert_layers_keeps_operations_named_as_layers():
+    """``x + 1.0`` is Keras's ``Add`` operation; beside an ``Add`` layer, a
+    rebuild must not take one for the other (MobileNetV3 has both kinds)."""
+    images = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="a")(images)
+    x = layers.Add(name="sum")([x, layers.Conv2D(4, 3, padding="same", name="b")(x)])
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="c")(x + 1.0)
+    backbone = skd.attach_exits(keras.Model(images, x), 2, exits=["c:input"])
+    batch = np.random.default_rng(6).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(skd.convert_layers(backbone)(batch)["logits"][0],
+                               backbone(batch)["logits"][0], rtol=1e-5, atol=1e-6)
 
 
 def test_convert_layers_sets_momentum_and_sync_everywhere_with_the_same_outputs():

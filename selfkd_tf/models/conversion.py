@@ -124,8 +124,11 @@ def convert_layers(model: keras.Model, *, batchnorm_momentum: float | None = Non
     config = upgrade_layers(keras.saving.serialize_keras_object(model),
                             batchnorm_momentum=batchnorm_momentum,
                             sync_batchnorm=sync_batchnorm)
-    # The model's own classes rebuild it, registered for Keras or not.
-    own = {type(layer).__name__: type(layer) for layer in model._flatten_layers()}
+    # The model's own custom classes rebuild it, registered for Keras or not.
+    # Keras's own stay out: their names are also those of operations
+    # (``x + 3.0`` is an ``Add`` operation, not the ``Add`` layer).
+    own = {type(layer).__name__: type(layer) for layer in model._flatten_layers()
+           if not type(layer).__module__.startswith("keras.")}
     try:
         with keras.saving.custom_object_scope(own):
             converted = keras.saving.deserialize_keras_object(config)

@@ -249,17 +249,8 @@ def pooled_exit_head(
     0.5M against 17.3M for a 256-channel stage of a 2048-wide network at
     `k = 8`).
 
-    Args:
-        x: The stage's output, shape `(batch, H, W, C)`.
-        deeper_channels: Output channels of every deeper exit's stage, the
-            deepest last.
-        ratio: The stage's resolution over the deepest stage's, `k >= 1`.
-        sync_batchnorm: Whether batch statistics are synchronized across
-            replicas.
-        name: Prefix of the layer names, e.g. `"exit1_head"`.
-
-    Returns:
-        Tensor of shape `(batch, H // k, W // k, D)`.
+    Args: as `bottleneck_exit_head`'s (only the deepest channel count is
+    read). Returns a tensor of shape `(batch, H // k, W // k, D)`.
     """
     if ratio > 1:
         x = keras.layers.AveragePooling2D(ratio, name=f"{name}_pool")(x)

@@ -124,16 +124,24 @@ def as_multi_exit(model: keras.Model) -> keras.Model:
     output = getattr(model, "output", None) if isinstance(model, keras.Model) else None
     if output is None or isinstance(output, (dict, list, tuple)) or len(output.shape) != 2:
         return model
+    _refuse_probabilities(model.name, output)
+    return keras.Model(model.input, {"logits": [output], "features": [output]},
+                       name=model.name)
+
+
+def _refuse_probabilities(name: str, output) -> None:
+    """Raises when ``output`` comes out of a softmax: probabilities, which
+    neither the objective (it needs logits) nor an exit (it needs features)
+    can use."""
     producer = output._keras_history.operation
     activation = getattr(producer, "activation", None)
     if (isinstance(producer, keras.layers.Softmax)
             or getattr(activation, "__name__", None) == "softmax"):
         raise ValueError(
-            f"backbone: {model.name} outputs probabilities (its last layer "
+            f"backbone: {name} outputs probabilities (its last layer "
             f"{producer.name!r} applies a softmax); build it to output logits "
-            "(keras.applications: classifier_activation=None)")
-    return keras.Model(model.input, {"logits": [output], "features": [output]},
-                       name=model.name)
+            "(keras.applications: classifier_activation=None) or features "
+            "(include_top=False)")
 
 
 def attach_exits(
@@ -206,6 +214,8 @@ def attach_exits(
         raise ValueError(
             f"backbone: its output must be a feature map [B, h, w, D] or features [B, D]; "
             f"got {tuple(output.shape)} (pool token outputs into features first)")
+    if len(output.shape) == 2:
+        _refuse_probabilities(backbone.name, output)
     shallow = stages.resolve_exits(flat, exits)
     deepest_map = output if len(output.shape) == 4 else stages.stage_tensors(flat)[-1]
     channels = [x.shape[-1] for x in shallow] + [output.shape[-1]]
