@@ -108,6 +108,7 @@ def test_every_float_setting_refuses_infinity_and_nan():
     (dict(mixed_precision="fp8"), "mixed_precision", "bfloat16"),
     (dict(dataset=""), "dataset", "folder:PATH"),
     (dict(pskd_alpha=2.0), "pskd_alpha", "[0, 1]"),
+    (dict(methods=("byot",), table_top_k=2), "table_top_k", "keeps none"),
     (dict(stem="resnet"), "stem", "auto, cifar, imagenet"),
     (dict(augmentation="autoaugment"), "augmentation", "cifar, imagenet, none"),
     (dict(augment=False, augmentation="imagenet"), "augment", "give one of them"),

@@ -139,6 +139,7 @@ def test_a_backbone_ending_in_features_keeps_them_as_the_deepest_exit():
     (["block3:input", "b1_out"], "exits: 'b1_out' comes before or at the previous exit"),
     (4, "exits: 4 exits need 3 stages before the deepest exit; the backbone has 2"),
     ("all", "exits: expected 'auto', a number of exits or a list of references"),
+    (0, "exits: a number of exits must be at least 1; got 0"),
 ])
 def test_exits_the_graph_cannot_take_are_refused_in_one_line(exits, message):
     trunk = hand_written()

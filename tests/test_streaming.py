@@ -55,6 +55,16 @@ def test_streamed_and_cached_folders_give_the_same_batches(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_file_that_does_not_decode_is_named_by_the_statistics_pass(tmp_path):
+    dataset = write_folder(tmp_path)
+    bad = tmp_path / "train" / "c1" / "7.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    with pytest.raises(DataError) as raised:
+        make_datasets(dataset, cache="none", batch_size=4)
+    assert str(raised.value) == (
+        f"normalization=dataset reads every training image once; {bad} does not decode")
+
+
 def test_a_streamed_epoch_resumed_part_way_sees_the_rest_of_it(tmp_path):
     dataset = write_folder(tmp_path)
     full, _, info = make_datasets(dataset, batch_size=4, epochs=3, cache="none")

@@ -61,7 +61,7 @@ def stage_listing(settings) -> str:
     if applications.is_foreign(settings.arch):
         with as_settings_error():
             trunk = applications.build_foreign_backbone(settings.arch, shape)
-            flat = stages.flatten(trunk)
+            flat = stages.flatten(trunk, shape)
             chosen = {id(t) for t in stages.resolve_exits(
                 flat, builders.parse_exits(settings.exits))}
         rows = [(id(t) in chosen, flat.reference_of(t), t.shape[1:])
@@ -77,9 +77,10 @@ def stage_listing(settings) -> str:
              f"(* = an exit with --exits={settings.exits}):",
              f"  {'reference':<58} {'shape':<16} stride"]
     for picked, reference, tensor_shape in rows:
-        stride = shape[0] / tensor_shape[0] if len(tensor_shape) == 3 else float("nan")
+        # Features [B, D] have no resolution, so no stride.
+        stride = f"{shape[0] / tensor_shape[0]:g}" if len(tensor_shape) == 3 else "-"
         lines.append(f"{'*' if picked else ' '} {reference:<58} "
-                     f"{'x'.join(map(str, tensor_shape)):<16} {stride:g}")
+                     f"{'x'.join(map(str, tensor_shape)):<16} {stride}")
     return "\n".join(lines)
 
 

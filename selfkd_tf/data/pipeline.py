@@ -395,6 +395,11 @@ def make_datasets(
             f"augmentation='imagenet' needs 3-channel images; {dataset} has {channels}")
     if not isinstance(normalization, str):
         mean, std = (tuple(float(v) for v in stats) for stats in normalization)
+        if len(mean) == len(std) and len(mean) != channels:
+            raise DataError(
+                f"normalization: {dataset} has {channels}-channel images and the "
+                f"normalization (a backbone family's, for its network) {len(mean)} "
+                "channels; give the network images with as many channels")
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
             raise DataError(
                 f"normalization: expected a mean and a positive std per channel of "

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from selfkd_tf.data import streaming
 from selfkd_tf.data.plan import WorkerShare
+from selfkd_tf.data.sources.arrays import DataError
 
 __all__ = ["channel_stats", "streamed_stats"]
 
@@ -56,11 +57,28 @@ def streamed_stats(
     sums = _Sums(3)
     # Raw pixels in 0..255: uint8 for one size, exactly.
     exact = augmentation != "imagenet"
-    for features, _ in streaming.eval_dataset(
-            keys, build, num_examples, batch_size, WorkerShare()).as_numpy_iterator():
-        pixels = features["image"].reshape(-1, 3)
-        sums.add(np.round(pixels).astype(np.uint8) if exact else pixels)
+    batches = streaming.eval_dataset(
+        keys, build, num_examples, batch_size, WorkerShare()).as_numpy_iterator()
+    try:
+        for features, _ in batches:
+            pixels = features["image"].reshape(-1, 3)
+            sums.add(np.round(pixels).astype(np.uint8) if exact else pixels)
+    except tf.errors.OpError:
+        raise DataError(
+            f"normalization=dataset reads every training image once; "
+            f"{_unreadable(reader)}") from None
     return sums.stats()
+
+
+def _unreadable(reader) -> str:
+    """Names the first file of ``reader`` that does not decode (it has failed
+    once already, so this pass runs only on the way to an error)."""
+    for path in getattr(reader, "paths", tf.constant([], tf.string)).numpy():
+        try:
+            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except tf.errors.OpError:
+            return f"{path.decode()} does not decode"
+    return "a training image does not decode"
 
 
 class _Sums:

@@ -318,6 +318,10 @@ class TrainSettings:
         check_choice("table_dtype", self.table_dtype, TABLE_DTYPES)
         if self.table_top_k is not None:
             _check_integer("table_top_k", self.table_top_k, 1)
+            if "pskd" not in self.methods:
+                raise SettingsError(
+                    "table_top_k", f"shapes PS-KD's table; --methods={','.join(self.methods)} "
+                    "keeps none")
         if self.subset_seed is not None:
             _check_integer("subset_seed", self.subset_seed, 0, MAX_SEED)
         _check_integer("eval_every", self.eval_every, 1)

@@ -374,10 +374,21 @@ def _train_locked(settings: TrainSettings, strategy) -> dict:
         raise TrainingDivergedError(_divergence_message(saver, checkpoint_dir))
 
     _save_model(model, os.path.join(out_dir, MODEL_FILE))
-    record = evaluate_model(
-        model, eval_ds, dataset_name=info.name, split=info.eval_split,
-        arch=settings.arch, methods=settings.methods,
-        train_time_s=saver.train_time_s(), epochs=settings.epochs,
-    )
+    try:
+        record = evaluate_model(
+            model, eval_ds, dataset_name=info.name, split=info.eval_split,
+            arch=settings.arch, methods=settings.methods,
+            train_time_s=saver.train_time_s(), epochs=settings.epochs,
+        )
+    except ValueError as error:
+        if "NaN or infinite" not in str(error):
+            raise
+        # The training loss stayed finite, but inference (batch norms'
+        # moving statistics) did not: the run diverged all the same.
+        raise TrainingDivergedError(
+            f"the trained model predicts NaN or infinite probabilities on the "
+            f"{info.eval_split} split (the loss stayed finite in training, where batch norm "
+            f"uses each batch's statistics); its weights are in "
+            f"{os.path.join(out_dir, MODEL_FILE)}; lower --lr") from None
     metrics_record.write_metrics_json(record, os.path.join(out_dir, METRICS_FILE))
     return record

@@ -43,6 +43,7 @@ import importlib
 import json
 import os
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -241,7 +242,7 @@ def _build_application(name: str, image_shape, weights: str) -> keras.Model:
             raise
         raise ValueError(
             f"backbone_weights: imagenet weights of {name} need a download, which failed "
-            f"({type(error).__name__}); give the downloaded file as "
+            f"({_first_line(error)[:200]}); give the downloaded file as "
             "--backbone_weights=PATH") from None
     if weights not in (WEIGHTS_NONE, WEIGHTS_IMAGENET):
         _load_weights(trunk, weights)
@@ -261,7 +262,11 @@ def _load_weights(model: keras.Model, path: str) -> None:
             f"{path!r}" + (" (a whole model: give it as --arch)" if path.endswith(".keras")
                           else ""))
     try:
-        model.load_weights(path)
+        # Keras warns about every mismatched variable before it raises; the
+        # one line below says what matters.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.load_weights(path)
     except Exception as error:  # noqa: BLE001 - h5py and Keras raise many types
         raise ValueError(
             f"backbone_weights: {path} does not fit the backbone: {_first_line(error)}"

@@ -295,7 +295,9 @@ def resolve_exits(flat: FlatGraph, exits: str | int | Sequence[str]) -> list:
     if isinstance(exits, str) and exits == "auto":
         return candidates[-(MAX_AUTO_EXITS - 1):]
     if isinstance(exits, int) and not isinstance(exits, bool):
-        if not 1 <= exits <= len(candidates) + 1:
+        if exits < 1:
+            raise ValueError(f"exits: a number of exits must be at least 1; got {exits}")
+        if exits > len(candidates) + 1:
             raise ValueError(
                 f"exits: {exits} exits need {exits - 1} stages before the deepest exit; "
                 f"the backbone has {len(candidates)}: "
