@@ -208,7 +208,7 @@ def attach_exits(
     ```
     """
     head = get_exit_head(exit_head)
-    flat = stages.flatten(backbone, image_shape)
+    flat = stages.flatten(backbone, image_shape, allow_open=True)
     output = flat.output
     if len(output.shape) not in (2, 4) or output.shape[-1] is None:
         raise ValueError(
@@ -217,11 +217,11 @@ def attach_exits(
     if len(output.shape) == 2:
         _refuse_probabilities(backbone.name, output)
     shallow = stages.resolve_exits(flat, exits)
-    deepest_map = output if len(output.shape) == 4 else stages.stage_tensors(flat)[-1]
+    ratios = _resolution_ratios(backbone, flat, shallow, image_shape)
     channels = [x.shape[-1] for x in shallow] + [output.shape[-1]]
     logits, features = [], []
     for k, x in enumerate(shallow, start=1):
-        ratio = max(1, round(x.shape[1] / deepest_map.shape[1]))
+        ratio = ratios[k - 1]
         x = head(x, tuple(channels[k:]), ratio, sync_batchnorm=sync_batchnorm,
                  name=f"exit{k}_head")
         feature, logit = exit_classifier(x, num_classes, k)
@@ -232,6 +232,27 @@ def attach_exits(
     logits.append(logit)
     return keras.Model(flat.inputs, {"logits": logits, "features": features},
                        name=name or f"{backbone.name}_multi_exit")
+
+
+PROBE_SIZE = 512
+"""Height and width at which the resolution ratios of a backbone of open
+image size are measured (a multiple of every usual total stride)."""
+
+
+def _resolution_ratios(backbone, flat, shallow, image_shape) -> list[int]:
+    """Each shallow exit's resolution over the deepest feature map's, >= 1.
+
+    A backbone of open image size is measured at `PROBE_SIZE` (the ratios
+    of a convolutional network do not depend on it).
+    """
+    if any(size is None for size in flat.inputs.shape[1:3]):
+        channels = flat.inputs.shape[-1]
+        probe = stages.flatten(backbone, (PROBE_SIZE, PROBE_SIZE, channels))
+        shallow = [probe.tensors[flat.reference_of(x)] for x in shallow]
+        flat = probe
+    output = flat.output
+    deepest = output if len(output.shape) == 4 else stages.stage_tensors(flat)[-1]
+    return [max(1, round(x.shape[1] / deepest.shape[1])) for x in shallow]
 
 
 def exit_model(backbone: keras.Model, exit: int | str) -> keras.Model:  # noqa: A002

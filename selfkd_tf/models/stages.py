@@ -107,7 +107,8 @@ def _graph_of(model) -> keras.Model | None:
     return None
 
 
-def flatten(backbone: keras.Model, image_shape: Sequence[int] | None = None) -> FlatGraph:
+def flatten(backbone: keras.Model, image_shape: Sequence[int] | None = None,
+            *, allow_open: bool = False) -> FlatGraph:
     """``backbone``'s graph on an input of ``image_shape``, nested models inlined.
 
     Where the graph is already there (same input shape, no nested model
@@ -119,12 +120,15 @@ def flatten(backbone: keras.Model, image_shape: Sequence[int] | None = None) -> 
         backbone: a functional or built sequential model of one image input
             and one output.
         image_shape: ``(height, width, channels)``; default the backbone's.
+        allow_open: whether a height or width may stay open (None): the
+            graph can then be cut at named tensors, but its stages, which
+            are found by resolution, cannot be listed.
 
     Raises:
         ValueError: one line: ``backbone`` is not a functional model (a
             subclassed model has no graph to look into), has several inputs
             or outputs, or leaves the image size open and no
-            ``image_shape`` is given.
+            ``image_shape`` is given (unless ``allow_open``).
     """
     graph = _graph_of(backbone)
     if graph is None or len(graph.inputs) != 1:
@@ -135,7 +139,8 @@ def flatten(backbone: keras.Model, image_shape: Sequence[int] | None = None) -> 
                            " (a subclassed model's layers have no symbolic outputs to attach "
                            "to); build it with the functional API"))
     shape = tuple(image_shape or graph.input.shape[1:])
-    if len(shape) != 3 or any(size is None for size in shape):
+    if len(shape) != 3 or shape[-1] is None or (
+            any(size is None for size in shape) and not allow_open):
         raise ValueError(
             f"image_shape: the backbone takes images of {tuple(graph.input.shape[1:])}; "
             "give their (height, width, channels)")
@@ -291,7 +296,16 @@ def resolve_exits(flat: FlatGraph, exits: str | int | Sequence[str]) -> list:
             feature map, references out of order or repeated, or more exits
             than the backbone has stages.
     """
-    candidates = _shallow_stages(flat)
+    if any(size is None for size in flat.inputs.shape[1:3]):
+        # Stages are found by resolution, which an open image size leaves unknown.
+        if isinstance(exits, (str, int)):
+            raise ValueError(
+                f"image_shape: the backbone takes images of {tuple(flat.inputs.shape[1:])}; "
+                f"give their (height, width, channels) for exits={exits!r}, or name the "
+                "stages")
+        candidates = []
+    else:
+        candidates = _shallow_stages(flat)
     if isinstance(exits, str) and exits == "auto":
         return candidates[-(MAX_AUTO_EXITS - 1):]
     if isinstance(exits, int) and not isinstance(exits, bool):
