@@ -64,6 +64,7 @@ from selfkd_tf.errors import SettingsError
 from selfkd_tf.experiment.settings import TrainSettings, as_settings_error, read_settings
 from selfkd_tf.files import write_atomically
 from selfkd_tf.metrics import record as metrics_record
+from selfkd_tf.metrics.scores import NonFiniteProbabilitiesError
 from selfkd_tf.rundir import lock as run_lock
 from selfkd_tf.rundir.data_record import DataFingerprint
 from selfkd_tf.rundir.layout import (
@@ -380,9 +381,7 @@ def _train_locked(settings: TrainSettings, strategy) -> dict:
             arch=settings.arch, methods=settings.methods,
             train_time_s=saver.train_time_s(), epochs=settings.epochs,
         )
-    except ValueError as error:
-        if "NaN or infinite" not in str(error):
-            raise
+    except NonFiniteProbabilitiesError:
         # The training loss stayed finite, but inference (batch norms'
         # moving statistics) did not: the run diverged all the same.
         raise TrainingDivergedError(

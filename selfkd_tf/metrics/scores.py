@@ -37,11 +37,16 @@ only changes true-class probabilities below 1e-12. (Keras' epsilon, 1e-7,
 would already cap a confident mistake at 16.1 nats.)"""
 
 
+class NonFiniteProbabilitiesError(ValueError):
+    """Probabilities hold NaN or infinite values: a model that diverged."""
+
+
 def check_inputs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     """Validates `(probs, labels)` and returns them as numpy arrays.
 
     Raises:
-        ValueError: `probs` is not a finite ``[n, C]`` array with ``n, C >= 1``,
+        ValueError: `probs` is not a finite ``[n, C]`` array with ``n, C >= 1``
+            (`NonFiniteProbabilitiesError` when it holds NaN or infinity),
             or `labels` not ``n`` integers in ``[0, C)`` (``[n]`` or ``[n, 1]``).
 
     Floating-point probabilities keep their dtype (bin edges are compared in
@@ -59,7 +64,7 @@ def check_inputs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
             f"got shape {probs.shape}."
         )
     if not np.all(np.isfinite(probs)):
-        raise ValueError("`probs` contains NaN or infinite values.")
+        raise NonFiniteProbabilitiesError("`probs` contains NaN or infinite values.")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             "`labels` must be integers of shape [n] or [n, 1], got dtype "
